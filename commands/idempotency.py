@@ -1,0 +1,112 @@
+"""Exactly-once commands. A command's events and its receipt are saved in one transaction;
+a retry with the same key and the same validated body gets the stored answer byte for
+byte; concurrent requests with one key race on the receipt's id, so exactly one of them
+commits and the others answer what it stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from eventsourcing.domain import BaseAggregate
+
+from commands.context import Collaborators, CommandContext
+from commands.errors import IdempotencyKeyInUseError, IdempotencyKeyReusedError
+from domain.receipt import CommandReceipt, receipt_id_for
+from infra.errors import RecordConflictError
+
+CONSISTENCY_TOKEN = "X-Consistency-Token"
+REPLAYED = "Idempotent-Replayed"
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a decided command saves and answers (the answer goes into the receipt)."""
+
+    aggregates: Sequence[BaseAggregate[UUID]]
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A loaded and validated command, ready to be decided."""
+
+    command: msgspec.Struct
+    decide: Callable[[], Outcome]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def fingerprint(route: str, command: msgspec.Struct) -> str:
+    """Same route and same validated command (whatever the key order, whitespace or
+    money spelling the client used) give the same fingerprint."""
+    digest = hashlib.sha256(route.encode())
+    digest.update(b"\n")
+    digest.update(_canonical.encode(command))
+    return digest.hexdigest()
+
+
+def run(deps: Collaborators, ctx: CommandContext, route: str, attempt: Callable[[], Plan]) -> Reply:
+    """Runs a command at most once per idempotency key.
+
+    ``attempt`` loads what the command needs and validates it; it is called again when a
+    concurrent save won, so the retry decides on fresh state (or replays the winner's
+    answer when the winner had our key).
+    """
+    receipt_id = receipt_id_for(ctx.actor.tenant_id, ctx.idempotency_key)
+    for _ in range(deps.attempts):
+        plan = attempt()
+        fprint = fingerprint(route, plan.command)
+        stored = deps.log.find(receipt_id, CommandReceipt)
+        if stored is not None:
+            return _replay(deps, stored, fprint)
+        outcome = plan.decide()
+        receipt = CommandReceipt.record(
+            ctx.actor,
+            idempotency_key=ctx.idempotency_key,
+            route=route,
+            fingerprint=fprint,
+            status=outcome.status,
+            body=outcome.body.decode(),
+            headers=outcome.headers,
+            at=deps.clock(),
+        )
+        try:
+            recordings = deps.log.save(*outcome.aggregates, receipt)
+        except RecordConflictError:
+            continue
+        position = recordings[-1].notification.id
+        headers = {**outcome.headers, CONSISTENCY_TOKEN: str(position)}
+        return Reply(outcome.status, outcome.body, headers)
+    raise IdempotencyKeyInUseError(
+        "the command kept colliding with concurrent ones; retry with the same Idempotency-Key"
+    )
+
+
+def _replay(deps: Collaborators, stored: CommandReceipt, fprint: str) -> Reply:
+    if stored.fingerprint != fprint:
+        raise IdempotencyKeyReusedError(
+            "this Idempotency-Key was already used with another request; use a new key"
+        )
+    # The log's newest position is at or past the stored command's events, so a read
+    # that waits for it sees the command.
+    headers: dict[str, Any] = {
+        **stored.headers,
+        CONSISTENCY_TOKEN: str(deps.log.position()),
+        REPLAYED: "true",
+    }
+    return Reply(stored.status, stored.body.encode(), headers)

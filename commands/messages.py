@@ -1,0 +1,65 @@
+"""Command messages: the request bodies as clients send them, and the validated commands
+whose canonical encoding is the idempotency fingerprint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+import msgspec
+
+from domain import forecast
+from domain import scenario_spec as spec
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
+
+
+class _Body(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+    pass
+
+
+class CreateScenarioBody(_Body):
+    name: Name
+    type: spec.ScenarioType
+    baseline: spec.Baseline
+    # Validated against the scenario type once the type is known.
+    assumptions: msgspec.Raw
+
+
+class UpdateScenarioBody(_Body):
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    baseline: spec.Baseline | msgspec.UnsetType = msgspec.UNSET
+    assumptions: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class ArchiveScenarioBody(_Body):
+    pass
+
+
+class GenerateForecastBody(_Body):
+    scenario_id: UUID
+    horizon_months: forecast.HorizonMonths
+    paths: forecast.Paths = forecast.DEFAULT_PATHS
+
+
+class CreateScenario(_Body):
+    name: str
+    baseline: spec.Baseline
+    assumptions: spec.Assumptions
+
+
+class UpdateScenario(_Body):
+    scenario_id: UUID
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    baseline: spec.Baseline | msgspec.UnsetType = msgspec.UNSET
+    assumptions: spec.Assumptions | msgspec.UnsetType = msgspec.UNSET
+
+
+class ArchiveScenario(_Body):
+    scenario_id: UUID
+
+
+class RequestForecast(_Body):
+    scenario_id: UUID
+    horizon_months: int
+    paths: int

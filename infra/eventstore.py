@@ -1,0 +1,96 @@
+"""The event log: the eventsourcing library's Application over SQLite (embedded) or
+PostgreSQL, configured only from Settings, with driver errors translated here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+from uuid import UUID
+
+import psycopg.conninfo
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import BaseAggregate
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    Recording,
+)
+from eventsourcing.utils import Environment
+
+# Importing the aggregates registers their pinned topics, so stored events decode.
+from domain import api_key, forecast, receipt, scenario, tenant  # noqa: F401
+from infra import errors
+from infra.settings import Settings
+
+A = TypeVar("A", bound=BaseAggregate[UUID])
+
+
+class EventLog(Application[UUID]):
+    """The one application of the service; its name is pinned because it names the
+    PostgreSQL table (accubooks_events) and the library's settings prefix."""
+
+    name = "accubooks"
+
+    def construct_env(self, name: str, env: Any = None) -> Environment:
+        # Only our Settings configure the library: stray process variables
+        # (PERSISTENCE_MODULE, ACCUBOOKS_*) must not silently redirect the store.
+        return Environment(name, dict(env or {}))
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        try:
+            return super().save(*objs, **kwargs)
+        except IntegrityError as e:
+            raise errors.RecordConflictError("a concurrent command saved first") from e
+        except (OperationalError, InterfaceError) as e:
+            raise errors.StoreUnavailableError("the event store is unavailable") from e
+
+    def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
+        """The aggregate with this id if it exists and is of this kind, else None."""
+        try:
+            aggregate = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        except (OperationalError, InterfaceError) as e:
+            raise errors.StoreUnavailableError("the event store is unavailable") from e
+        return aggregate if isinstance(aggregate, kind) else None
+
+    def position(self) -> int:
+        """The newest position of the log (0 when empty)."""
+        try:
+            return self.recorder.max_notification_id() or 0
+        except (OperationalError, InterfaceError) as e:
+            raise errors.StoreUnavailableError("the event store is unavailable") from e
+
+
+def library_env(settings: Settings) -> dict[str, str]:
+    """The eventsourcing library's settings for our Settings."""
+    if settings.database_url:
+        params = psycopg.conninfo.conninfo_to_dict(settings.database_url)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": str(params.get("dbname", "")),
+            "POSTGRES_HOST": str(params.get("host", "127.0.0.1")),
+            "POSTGRES_PORT": str(params.get("port", "5432")),
+            "POSTGRES_USER": str(params.get("user", "")),
+            "POSTGRES_PASSWORD": str(params.get("password", "")),
+            "POSTGRES_POOL_SIZE": str(settings.db_pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(settings.db_pool_max_overflow),
+            "POSTGRES_CONNECT_TIMEOUT": str(max(1, round(settings.db_pool_timeout_s))),
+            "POSTGRES_LOCK_TIMEOUT": str(max(1, round(settings.db_lock_timeout_s))),
+        }
+    os.makedirs(settings.data_dir, exist_ok=True)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": os.path.join(settings.data_dir, "events.sqlite"),
+        "SQLITE_LOCK_TIMEOUT": str(max(1, round(settings.db_lock_timeout_s))),
+    }
+
+
+def open_event_log(settings: Settings) -> EventLog:
+    """Opens (and on first use creates) the event store named by the settings."""
+    try:
+        return EventLog(env=library_env(settings))
+    except (OperationalError, InterfaceError) as e:
+        raise errors.StoreUnavailableError("the event store is unavailable") from e

@@ -1,0 +1,63 @@
+"""Settings: every service address, limit and timeout, read from the environment once at
+the process entry point and passed down. Each default is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Services. Without DATABASE_URL the event store is SQLite files under data_dir.
+    database_url: str | None = None
+    redis_url: str | None = None
+    broker_url: str | None = None
+    data_dir: str = "./accubooks-data"
+
+    # Requests.
+    max_body_bytes: PositiveInt = 1024 * 1024
+    # A cached key decision is reused this long: a revoked key stops working on every
+    # process within this TTL (the contract says 5 s).
+    auth_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=5)] = 2.0
+    auth_cache_entries: PositiveInt = 10_000
+    # Bounded retries of a command whose aggregate changed under it (no If-Match sent).
+    command_attempts: PositiveInt = 5
+
+    # Event store connections.
+    db_pool_size: PositiveInt = 5
+    db_pool_max_overflow: Annotated[int, msgspec.Meta(ge=0)] = 10
+    db_pool_timeout_s: PositiveSeconds = 5.0
+    db_lock_timeout_s: PositiveSeconds = 5.0
+
+
+# Environment variable names; the service addresses keep their conventional names.
+_ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "broker_url": "BROKER_URL",
+}
+
+
+def env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, "ACCUBOOKS_" + field.upper())
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment; a malformed value stops the process with its name."""
+    source = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    for field in Settings.__struct_fields__:
+        value = source.get(env_name(field))
+        if value not in (None, ""):
+            raw[field] = value
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"invalid setting: {e}") from e

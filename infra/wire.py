@@ -1,0 +1,80 @@
+"""Reading requests off the wire: size limit, media type, strict JSON decoding into
+msgspec types, with every failure turned into a client error that names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from infra.errors import PayloadTooLargeError, RequestValidationError, UnsupportedMediaTypeError
+
+T = TypeVar("T")
+
+_JSON_MEDIA_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+_PATH_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+
+
+def request_id_of(request: Request) -> str:
+    """The id the service gave this request (echoed as X-Request-Id and in errors)."""
+    request_id: str = request.state.request_id
+    return request_id
+
+
+async def read_body(request: Request, *, max_bytes: int, empty_ok: bool = False) -> bytes:
+    """The raw body, refused early when the declared or actual size is over the limit.
+    With ``empty_ok`` a request with no body at all stands for ``{}``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
+    if empty_ok and declared in (None, "0") and "content-type" not in request.headers:
+        body = await request.body()
+        if not body:
+            return b"{}"
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not _JSON_MEDIA_TYPE.match(media_type):
+        raise UnsupportedMediaTypeError("request body must be JSON (Content-Type: application/json)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(data: bytes | msgspec.Raw, kind: type[T], *, at: str = "") -> T:
+    """Strictly decodes JSON into ``kind``; ``at`` prefixes error pointers (a nested part)."""
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as e:
+        raise validation_error(e, at=at) from None
+    except msgspec.DecodeError as e:
+        raise RequestValidationError(
+            f"request body is not valid JSON: {e}", details=[{"pointer": at or "", "message": str(e)}]
+        ) from None
+    except UnicodeDecodeError:
+        raise RequestValidationError("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise RequestValidationError("request body is nested too deeply") from None
+
+
+def validation_error(error: msgspec.ValidationError, *, at: str = "") -> RequestValidationError:
+    """msgspec's "... - at `$.a.b[0]`" becomes a JSON pointer "/a/b/0"."""
+    text = str(error)
+    message, sep, path = text.rpartition(" - at `")
+    if not sep:
+        return RequestValidationError(text, details=[{"pointer": at, "message": text}])
+    steps = [name or index for name, index in _PATH_STEP.findall(path.rstrip("`"))]
+    pointer = at + "".join("/" + step for step in steps)
+    return RequestValidationError(
+        f"{message} at {pointer or '/'}", details=[{"pointer": pointer, "message": message}]
+    )
+
+
+def detail(pointer: str, message: str) -> dict[str, Any]:
+    return {"pointer": pointer, "message": message}

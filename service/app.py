@@ -1,0 +1,93 @@
+"""The composition root of the HTTP service: opens the event store in the lifespan, wires
+collaborators into the app state, mounts the routes and the error handlers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from commands import routes as write_routes
+from commands.context import Collaborators
+from infra.auth import Authenticator
+from infra.eventstore import EventLog, open_event_log
+from infra.settings import Settings
+from service import errors
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's X-Request-Id when it is sane), recorded in
+    the events it causes, its logs and its errors, and echoed on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
+            "latin-1"
+        )
+        request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def live(_: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+def create_app(settings: Settings, *, event_log: EventLog | None = None) -> Starlette:
+    """The ASGI app. ``event_log`` lets a caller share an already open store (tests, the
+    embedded process); otherwise the lifespan opens and closes its own."""
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
+        log = event_log or open_event_log(settings)
+        deps = Collaborators(
+            log=log, clock=utc_now, new_id=uuid.uuid4, attempts=settings.command_attempts
+        )
+        try:
+            yield {
+                "authenticator": Authenticator(
+                    log, ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_entries
+                ),
+                "write_api": write_routes.WriteApi(
+                    deps=deps, max_body_bytes=settings.max_body_bytes
+                ),
+            }
+        finally:
+            if event_log is None:
+                log.close()
+
+    app = Starlette(
+        routes=[Route("/health/live", live, methods=["GET"]), *write_routes.routes],
+        exception_handlers=errors.handlers,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

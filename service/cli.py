@@ -1,0 +1,124 @@
+"""The `accubooks` command: operator commands (tenants, keys) and the process entry points.
+Settings are read from the environment here, once, and passed down."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import uvicorn
+
+from commands import tenants
+from commands.context import Collaborators
+from commands.errors import CommandError
+from domain import api_key
+from domain.errors import DomainError
+from infra import settings as settings_module
+from infra.errors import InfraError
+from infra.eventstore import EventLog, open_event_log
+from service.app import create_app, utc_now
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accubooks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tenant_cmds = sub.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="action", required=True
+    )
+    create = tenant_cmds.add_parser("create", help="register a tenant")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="machine-readable output")
+
+    key_cmds = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    issue = key_cmds.add_parser("issue", help="issue a key (printed once, stored as a hash)")
+    issue.add_argument("tenant_id", type=UUID)
+    issue.add_argument("--role", required=True, choices=api_key.ROLES)
+    issue.add_argument("--json", action="store_true", help="machine-readable output")
+    revoke = key_cmds.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id", type=UUID)
+    revoke.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, text in (
+        ("serve", "run the embedded all-in-one service (SQLite unless DATABASE_URL is set)"),
+        ("api", "run an API process (production: reads DATABASE_URL, REDIS_URL, BROKER_URL)"),
+    ):
+        proc = sub.add_parser(name, help=text)
+        proc.add_argument("--host", default="127.0.0.1")
+        proc.add_argument("--port", type=int, default=8000)
+        proc.add_argument("--json", action="store_true", help="print where it listens as JSON")
+    return parser
+
+
+def _print(result: msgspec.Struct, as_json: bool, text: str) -> None:
+    print(msgspec.json.encode(result).decode() if as_json else text, flush=True)
+
+
+def _operator_command(args: argparse.Namespace, log: EventLog) -> None:
+    deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
+    if args.command == "tenants":
+        created = tenants.create_tenant(deps, args.name)
+        _print(created, args.json, f"tenant {created.tenant_id} ({created.name}) created")
+    elif args.action == "issue":
+        issued = tenants.issue_key(deps, args.tenant_id, args.role)
+        _print(
+            issued,
+            args.json,
+            f"key {issued.key_id} ({issued.role}) for tenant {issued.tenant_id}\n"
+            f"secret (shown once, keep it safe): {issued.key}",
+        )
+    else:
+        revoked = tenants.revoke_key(deps, args.key_id)
+        _print(revoked, args.json, f"key {revoked.key_id} revoked")
+
+
+async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -> None:
+    config = uvicorn.Config(
+        create_app(settings), host=args.host, port=args.port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        store = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir}"
+        where: dict[str, Any] = {"url": f"http://{host}:{port}", "eventStore": store}
+        text = f"accubooks listening on {where['url']} (event store: {store})"
+        print(msgspec.json.encode(where).decode() if args.json else text, flush=True)
+    await task
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = settings_module.from_env()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command in ("serve", "api"):
+        asyncio.run(_serve(args, settings))
+        return 0
+    try:
+        log = open_event_log(settings)
+    except InfraError as e:
+        print(f"accubooks: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        _operator_command(args, log)
+    except (CommandError, DomainError, InfraError, ValueError) as e:
+        print(f"accubooks: {e}", file=sys.stderr)
+        return 1
+    finally:
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
