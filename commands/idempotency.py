@@ -20,7 +20,7 @@ from commands.errors import IdempotencyKeyInUseError, IdempotencyKeyReusedError
 from domain.receipt import CommandReceipt, receipt_id_for
 from infra.errors import RecordConflictError
 
-CONSISTENCY_TOKEN = "X-Consistency-Token"
+CONSISTENCY_TOKEN = "X-Consistency-Token"  # noqa: S105 (a header name)
 REPLAYED = "Idempotent-Replayed"
 
 _canonical = msgspec.json.Encoder(order="sorted")

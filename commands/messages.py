@@ -18,7 +18,7 @@ class _Body(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_un
     pass
 
 
-class CreateScenarioBody(_Body):
+class CreateScenarioBody(_Body, frozen=True):
     name: Name
     type: spec.ScenarioType
     baseline: spec.Baseline
@@ -26,40 +26,40 @@ class CreateScenarioBody(_Body):
     assumptions: msgspec.Raw
 
 
-class UpdateScenarioBody(_Body):
+class UpdateScenarioBody(_Body, frozen=True):
     name: Name | msgspec.UnsetType = msgspec.UNSET
     baseline: spec.Baseline | msgspec.UnsetType = msgspec.UNSET
     assumptions: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
-class ArchiveScenarioBody(_Body):
+class ArchiveScenarioBody(_Body, frozen=True):
     pass
 
 
-class GenerateForecastBody(_Body):
+class GenerateForecastBody(_Body, frozen=True):
     scenario_id: UUID
     horizon_months: forecast.HorizonMonths
     paths: forecast.Paths = forecast.DEFAULT_PATHS
 
 
-class CreateScenario(_Body):
+class CreateScenario(_Body, frozen=True):
     name: str
     baseline: spec.Baseline
     assumptions: spec.Assumptions
 
 
-class UpdateScenario(_Body):
+class UpdateScenario(_Body, frozen=True):
     scenario_id: UUID
     name: str | msgspec.UnsetType = msgspec.UNSET
     baseline: spec.Baseline | msgspec.UnsetType = msgspec.UNSET
     assumptions: spec.Assumptions | msgspec.UnsetType = msgspec.UNSET
 
 
-class ArchiveScenario(_Body):
+class ArchiveScenario(_Body, frozen=True):
     scenario_id: UUID
 
 
-class RequestForecast(_Body):
+class RequestForecast(_Body, frozen=True):
     scenario_id: UUID
     horizon_months: int
     paths: int

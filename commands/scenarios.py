@@ -69,16 +69,17 @@ def update_scenario(
 ) -> Reply:
     def attempt() -> Plan:
         scenario = load_scenario(deps, ctx, scenario_id)
-        assumptions = body.assumptions
+        name = _given(body.name)
+        baseline = _given(body.baseline)
+        raw_assumptions = _given(body.assumptions)
+        assumptions = (
+            None if raw_assumptions is None else decode_assumptions(raw_assumptions, scenario.type)
+        )
         command = messages.UpdateScenario(
             scenario_id=scenario_id,
-            name=body.name,
-            baseline=body.baseline,
-            assumptions=(
-                msgspec.UNSET
-                if isinstance(assumptions, msgspec.UnsetType)
-                else decode_assumptions(assumptions, scenario.type)
-            ),
+            name=msgspec.UNSET if name is None else name,
+            baseline=msgspec.UNSET if baseline is None else baseline,
+            assumptions=msgspec.UNSET if assumptions is None else assumptions,
         )
 
         def decide() -> Outcome:
@@ -87,11 +88,7 @@ def update_scenario(
                     f"scenario {scenario_id} is at version {scenario.version}, not {if_match}"
                 )
             scenario.update(
-                ctx.actor,
-                name=_given(command.name),
-                baseline=_given(command.baseline),
-                assumptions=_given(command.assumptions),
-                at=deps.clock(),
+                ctx.actor, name=name, baseline=baseline, assumptions=assumptions, at=deps.clock()
             )
             return _answer(scenario, 200)
 

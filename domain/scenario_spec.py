@@ -25,7 +25,9 @@ OffsetMonths = Annotated[int, msgspec.Meta(ge=0, le=119)]
 Headcount = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
 
 
-class Baseline(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class Baseline(
+    msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True
+):
     start_month: Month
     opening_cash: Decimal
     monthly_revenue: Decimal
@@ -40,20 +42,26 @@ class Baseline(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid
             raise ValueError("`monthlyRevenue` and `monthlyCosts` must not be negative")
 
 
-class _Assumptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
-                   forbid_unknown_fields=True, tag_field="type"):
+class _Assumptions(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    rename="camel",
+    forbid_unknown_fields=True,
+    tag_field="type",
+):
     start_offset_months: OffsetMonths = 0
 
 
-class RevenueIncrease(_Assumptions, tag="REVENUE_INCREASE"):
+class RevenueIncrease(_Assumptions, tag="REVENUE_INCREASE", frozen=True):
     percent: Percent
 
 
-class CostReduction(_Assumptions, tag="COST_REDUCTION"):
+class CostReduction(_Assumptions, tag="COST_REDUCTION", frozen=True):
     percent: Share
 
 
-class Hiring(_Assumptions, tag="HIRING"):
+class Hiring(_Assumptions, tag="HIRING", frozen=True):
     headcount: Headcount
     monthly_cost_per_head: Decimal
 
@@ -63,12 +71,12 @@ class Hiring(_Assumptions, tag="HIRING"):
             raise ValueError("`monthlyCostPerHead` must not be negative")
 
 
-class PriceChange(_Assumptions, tag="PRICE_CHANGE"):
+class PriceChange(_Assumptions, tag="PRICE_CHANGE", frozen=True):
     percent: Percent
     churn_percent: Share = 0.0
 
 
-class Custom(_Assumptions, tag="CUSTOM"):
+class Custom(_Assumptions, tag="CUSTOM", frozen=True):
     revenue_percent: Percent = 0.0
     cost_percent: Percent = 0.0
     one_off_cash: Decimal = Decimal("0.00")
@@ -110,4 +118,5 @@ def baseline_from_payload(payload: dict[str, Any]) -> Baseline:
 
 
 def assumptions_from_payload(payload: dict[str, Any]) -> Assumptions:
-    return msgspec.convert(payload, Assumptions)  # type: ignore[arg-type]
+    assumptions: Assumptions = msgspec.convert(payload, Assumptions)
+    return assumptions

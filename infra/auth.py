@@ -76,7 +76,9 @@ class Authenticator:
 
 def require_role(principal: Principal, *roles: api_key.Role) -> None:
     if principal.role not in roles:
-        raise ForbiddenError(f"a {principal.role} key may not do this; it needs: {', '.join(roles)}")
+        raise ForbiddenError(
+            f"a {principal.role} key may not do this; it needs: {', '.join(roles)}"
+        )
 
 
 def _key_hash(authorization: str | None) -> str:

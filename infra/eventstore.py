@@ -49,7 +49,7 @@ class EventLog(Application[UUID]):
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         """The aggregate with this id if it exists and is of this kind, else None."""
         try:
-            aggregate = self.repository.get(aggregate_id)
+            aggregate: object = self.repository.get(aggregate_id)
         except AggregateNotFoundError:
             return None
         except (OperationalError, InterfaceError) as e:

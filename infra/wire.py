@@ -30,13 +30,12 @@ async def read_body(request: Request, *, max_bytes: int, empty_ok: bool = False)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
-    if empty_ok and declared in (None, "0") and "content-type" not in request.headers:
-        body = await request.body()
-        if not body:
-            return b"{}"
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not _JSON_MEDIA_TYPE.match(media_type):
-        raise UnsupportedMediaTypeError("request body must be JSON (Content-Type: application/json)")
+    is_json = bool(_JSON_MEDIA_TYPE.match(media_type))
+    if not is_json and not empty_ok:
+        raise UnsupportedMediaTypeError(
+            "request body must be JSON (Content-Type: application/json)"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -44,7 +43,14 @@ async def read_body(request: Request, *, max_bytes: int, empty_ok: bool = False)
         if size > max_bytes:
             raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if empty_ok and not body:
+        return b"{}"
+    if not is_json:
+        raise UnsupportedMediaTypeError(
+            "request body must be JSON (Content-Type: application/json)"
+        )
+    return body
 
 
 def decode(data: bytes | msgspec.Raw, kind: type[T], *, at: str = "") -> T:
@@ -55,7 +61,8 @@ def decode(data: bytes | msgspec.Raw, kind: type[T], *, at: str = "") -> T:
         raise validation_error(e, at=at) from None
     except msgspec.DecodeError as e:
         raise RequestValidationError(
-            f"request body is not valid JSON: {e}", details=[{"pointer": at or "", "message": str(e)}]
+            f"request body is not valid JSON: {e}",
+            details=[{"pointer": at or "", "message": str(e)}],
         ) from None
     except UnicodeDecodeError:
         raise RequestValidationError("request body is not valid UTF-8") from None

@@ -86,7 +86,7 @@ def create_app(settings: Settings, *, event_log: EventLog | None = None) -> Star
 
     app = Starlette(
         routes=[Route("/health/live", live, methods=["GET"]), *write_routes.routes],
-        exception_handlers=errors.handlers,  # type: ignore[arg-type]
+        exception_handlers=errors.handlers,
         lifespan=lifespan,
     )
     app.add_middleware(RequestIdMiddleware)

@@ -44,7 +44,7 @@ RETRY_AFTER_S = 1
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     code: str
     message: str
-    requestId: str | None = None  # noqa: N815 (wire name)
+    requestId: str | None = None
     details: list[dict[str, Any]] | None = None
     operation: str | None = None
 
