@@ -5,6 +5,7 @@ PostgreSQL, configured only from Settings, with driver errors translated here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -32,6 +33,19 @@ class EventLog(Application[UUID]):
     PostgreSQL table (accubooks_events) and the library's settings prefix."""
 
     name = "accubooks"
+    # PostgreSQL: the channel the library NOTIFYs after every insert into the events table.
+    channel = "accubooks_events"
+
+    def __init__(self, env: Any = None) -> None:
+        super().__init__(env)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Called after every save of this process (wakes in-process projection workers)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only our Settings configure the library: stray process variables
@@ -40,11 +54,14 @@ class EventLog(Application[UUID]):
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         try:
-            return super().save(*objs, **kwargs)
+            recordings = super().save(*objs, **kwargs)
         except IntegrityError as e:
             raise errors.RecordConflictError("a concurrent command saved first") from e
         except (OperationalError, InterfaceError) as e:
             raise errors.StoreUnavailableError("the event store is unavailable") from e
+        for listener in list(self._listeners):
+            listener()
+        return recordings
 
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         """The aggregate with this id if it exists and is of this kind, else None."""
@@ -86,6 +103,26 @@ def library_env(settings: Settings) -> dict[str, str]:
         "SQLITE_DBNAME": os.path.join(settings.data_dir, "events.sqlite"),
         "SQLITE_LOCK_TIMEOUT": str(max(1, round(settings.db_lock_timeout_s))),
     }
+
+
+def projection_env(settings: Settings, name: str) -> dict[str, str]:
+    """The library's settings for the tracking recorder of one projection: on PostgreSQL
+    its tables sit beside the events (tracking table <name>_tracking) with a small pool;
+    on SQLite each projection has its own file (the library's tracking table name is fixed).
+    """
+    env = library_env(settings)
+    if settings.database_url:
+        env["POSTGRES_POOL_SIZE"] = "2"
+        env["POSTGRES_MAX_OVERFLOW"] = "2"
+        return env
+    env["SQLITE_DBNAME"] = projection_file(settings, name)
+    return env
+
+
+def projection_file(settings: Settings, name: str) -> str:
+    folder = os.path.join(settings.data_dir, "projections")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}.sqlite")
 
 
 def open_event_log(settings: Settings) -> EventLog:

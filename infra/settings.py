@@ -4,6 +4,7 @@ the process entry point and passed down. Each default is documented in README.md
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Annotated
@@ -29,6 +30,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_cache_entries: PositiveInt = 10_000
     # Bounded retries of a command whose aggregate changed under it (no If-Match sent).
     command_attempts: PositiveInt = 5
+    # Signs paging cursors; every API process of a deployment needs the same value.
+    # Unset: derived from the store's address (fine embedded, set it in production).
+    cursor_secret: str = ""
+
+    # Projections.
+    projection_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    # The longest a worker sleeps without checking the log (a lost notification, or a
+    # write by another process on SQLite, waits at most this long).
+    projection_wakeup_s: PositiveSeconds = 0.05
 
     # Event store connections.
     db_pool_size: PositiveInt = 5
@@ -43,6 +53,14 @@ _ENV_NAMES = {
     "redis_url": "REDIS_URL",
     "broker_url": "BROKER_URL",
 }
+
+
+def cursor_key(settings: Settings) -> bytes:
+    seed = (
+        settings.cursor_secret
+        or f"accubooks-cursor:{settings.database_url or os.path.abspath(settings.data_dir)}"
+    )
+    return hashlib.sha256(seed.encode()).digest()
 
 
 def env_name(field: str) -> str:

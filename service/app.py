@@ -20,8 +20,12 @@ from commands import routes as write_routes
 from commands.context import Collaborators
 from infra.auth import Authenticator
 from infra.eventstore import EventLog, open_event_log
-from infra.settings import Settings
-from service import errors
+from infra.readstore import ReadStore
+from infra.settings import Settings, cursor_key
+from readapi import scenarios as scenario_reads
+from readapi.context import ReadApi
+from readapi.paging import CursorSigner
+from service import errors, wiring
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -61,13 +65,21 @@ async def live(_: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
-def create_app(settings: Settings, *, event_log: EventLog | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, event_log: EventLog | None = None, run_projections: bool = False
+) -> Starlette:
     """The ASGI app. ``event_log`` lets a caller share an already open store (tests, the
-    embedded process); otherwise the lifespan opens and closes its own."""
+    embedded process); otherwise the lifespan opens and closes its own. With
+    ``run_projections`` the projection workers run inside this process (embedded mode)."""
 
     @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log = event_log or open_event_log(settings)
+        runner = wiring.projection_runner(settings, log) if run_projections else None
+        if runner is not None:
+            runner.start()
+        app.state.projections = runner
+        store = ReadStore(settings)
         deps = Collaborators(
             log=log, clock=utc_now, new_id=uuid.uuid4, attempts=settings.command_attempts
         )
@@ -79,13 +91,22 @@ def create_app(settings: Settings, *, event_log: EventLog | None = None) -> Star
                 "write_api": write_routes.WriteApi(
                     deps=deps, max_body_bytes=settings.max_body_bytes
                 ),
+                "read_api": ReadApi(store=store, signer=CursorSigner(cursor_key(settings))),
+                "projections": runner,
             }
         finally:
+            store.close()
+            if runner is not None:
+                runner.stop()
             if event_log is None:
                 log.close()
 
     app = Starlette(
-        routes=[Route("/health/live", live, methods=["GET"]), *write_routes.routes],
+        routes=[
+            Route("/health/live", live, methods=["GET"]),
+            *write_routes.routes,
+            *scenario_reads.routes,
+        ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,
     )

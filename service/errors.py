@@ -14,6 +14,7 @@ from starlette.responses import Response
 from commands.errors import CommandError
 from domain.errors import DomainError
 from infra.errors import InfraError
+from readapi.errors import ReadError
 
 logger = logging.getLogger("accubooks.errors")
 
@@ -85,7 +86,7 @@ def error_response(
 
 
 async def on_known_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, DomainError | CommandError | InfraError)
+    assert isinstance(exc, DomainError | CommandError | InfraError | ReadError)
     if isinstance(exc, InfraError):
         return error_response(
             request, exc.code, exc.message, details=exc.details, operation=exc.operation
@@ -112,6 +113,7 @@ handlers = {
     DomainError: on_known_error,
     CommandError: on_known_error,
     InfraError: on_known_error,
+    ReadError: on_known_error,
     HTTPException: on_http_error,
     Exception: on_unexpected_error,
 }

@@ -1,0 +1,145 @@
+"""The scenarios read model: one row per scenario with its forecast count and its latest
+10 forecast summaries, plus a per-tenant total, so a list page or a detail is one
+indexed statement (keyset index on tenant, created_at, id)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from domain.forecast import QUEUED, Forecast
+from domain.scenario import Scenario
+from projections.readmodel import Positioned, Tx, iso
+
+LATEST_FORECASTS = 10
+
+_COLUMNS = (
+    "tenant_id, id, created_at, updated_at, name, type, status, version, baseline, "
+    "assumptions, forecast_count, latest_forecasts"
+)
+
+
+class ScenariosProjector:
+    name: ClassVar[str] = "scenarios"
+
+    def ddl(self) -> list[str]:
+        return [
+            "CREATE TABLE IF NOT EXISTS scenarios_rows ("
+            " tenant_id TEXT NOT NULL, id TEXT NOT NULL, created_at TEXT NOT NULL,"
+            " updated_at TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL,"
+            " status TEXT NOT NULL, version INTEGER NOT NULL, baseline TEXT NOT NULL,"
+            " assumptions TEXT NOT NULL, forecast_count INTEGER NOT NULL,"
+            " latest_forecasts TEXT NOT NULL, PRIMARY KEY (tenant_id, id))",
+            "CREATE INDEX IF NOT EXISTS scenarios_rows_page"
+            " ON scenarios_rows (tenant_id, created_at DESC, id DESC)",
+            "CREATE INDEX IF NOT EXISTS scenarios_rows_id ON scenarios_rows (id)",
+            "CREATE TABLE IF NOT EXISTS scenarios_tenants ("
+            " tenant_id TEXT PRIMARY KEY, total BIGINT NOT NULL)",
+            # Which scenario a forecast belongs to, for forecast events that only name
+            # the forecast (their status changes update the scenario's summaries).
+            "CREATE TABLE IF NOT EXISTS scenarios_forecast_owner ("
+            " forecast_id TEXT PRIMARY KEY, scenario_id TEXT NOT NULL)",
+        ]
+
+    def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
+        ids = sorted({self._scenario_id(event) for event, _ in events} - {None})  # type: ignore[type-var]
+        rows: dict[str, dict[str, Any]] = {
+            row["id"]: dict(row)
+            for row in tx.select_in(f"SELECT {_COLUMNS} FROM scenarios_rows WHERE id", ids)
+        }
+        new_per_tenant: dict[str, int] = {}
+        owners: list[tuple[str, str]] = []
+        for event, _ in events:
+            if isinstance(event, Scenario.Created):
+                row = _new_row(event)
+                rows[row["id"]] = row
+                new_per_tenant[row["tenant_id"]] = new_per_tenant.get(row["tenant_id"], 0) + 1
+            elif isinstance(event, Scenario.Event):
+                _change(rows[str(event.originator_id)], event)
+            elif isinstance(event, Forecast.Requested):
+                scenario = rows.get(str(event.scenario_id))
+                if scenario is not None:
+                    _add_forecast(scenario, event)
+                    owners.append((str(event.originator_id), str(event.scenario_id)))
+        tx.executemany(
+            f"INSERT INTO scenarios_rows ({_COLUMNS}) VALUES ({','.join('?' * 12)})"
+            " ON CONFLICT (tenant_id, id) DO UPDATE SET updated_at = excluded.updated_at,"
+            " name = excluded.name, status = excluded.status, version = excluded.version,"
+            " baseline = excluded.baseline, assumptions = excluded.assumptions,"
+            " forecast_count = excluded.forecast_count,"
+            " latest_forecasts = excluded.latest_forecasts",
+            [[row[c.strip()] for c in _COLUMNS.split(",")] for row in rows.values()],
+        )
+        tx.executemany(
+            "INSERT INTO scenarios_tenants (tenant_id, total) VALUES (?, ?)"
+            " ON CONFLICT (tenant_id) DO UPDATE"
+            " SET total = scenarios_tenants.total + excluded.total",
+            sorted(new_per_tenant.items()),
+        )
+        tx.executemany(
+            "INSERT INTO scenarios_forecast_owner (forecast_id, scenario_id) VALUES (?, ?)"
+            " ON CONFLICT (forecast_id) DO NOTHING",
+            owners,
+        )
+
+    @staticmethod
+    def _scenario_id(event: Any) -> str | None:
+        if isinstance(event, Scenario.Event):
+            return str(event.originator_id)
+        if isinstance(event, Forecast.Requested):
+            return str(event.scenario_id)
+        return None
+
+
+def _new_row(event: Scenario.Created) -> dict[str, Any]:
+    assumptions = dict(event.assumptions)
+    scenario_type = assumptions.pop("type")
+    at = iso(event.timestamp)
+    return {
+        "tenant_id": str(event.tenant_id),
+        "id": str(event.originator_id),
+        "created_at": at,
+        "updated_at": at,
+        "name": event.name,
+        "type": scenario_type,
+        "status": "active",
+        "version": event.originator_version,
+        "baseline": _json(event.baseline),
+        "assumptions": _json(assumptions),
+        "forecast_count": 0,
+        "latest_forecasts": "[]",
+    }
+
+
+def _change(row: dict[str, Any], event: Scenario.Event) -> None:
+    if isinstance(event, Scenario.Renamed):
+        row["name"] = event.name
+    elif isinstance(event, Scenario.BaselineChanged):
+        row["baseline"] = _json(event.baseline)
+    elif isinstance(event, Scenario.AssumptionsChanged):
+        assumptions = dict(event.assumptions)
+        assumptions.pop("type")
+        row["assumptions"] = _json(assumptions)
+    elif isinstance(event, Scenario.Archived):
+        row["status"] = "archived"
+    row["version"] = event.originator_version
+    row["updated_at"] = iso(event.timestamp)
+
+
+def _add_forecast(row: dict[str, Any], event: Forecast.Requested) -> None:
+    summary: Mapping[str, Any] = {
+        "id": str(event.originator_id),
+        "status": QUEUED,
+        "horizonMonths": event.horizon_months,
+        "paths": event.paths,
+        "requestedAt": iso(event.timestamp),
+        "completedAt": None,
+    }
+    latest = [summary, *json.loads(row["latest_forecasts"])][:LATEST_FORECASTS]
+    row["latest_forecasts"] = _json(latest)
+    row["forecast_count"] += 1
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

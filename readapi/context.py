@@ -1,0 +1,48 @@
+"""What every read route is given (the read store and the cursor signer, from the app
+state) and how it answers: msgspec-encoded JSON with the projection position it reflects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from infra import auth
+from infra.readstore import ReadStore
+from readapi.paging import CursorSigner
+
+POSITION_HEADER = "X-Projection-Position"
+UPSTREAM = "accubooks"
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class ReadApi:
+    store: ReadStore
+    signer: CursorSigner
+
+
+async def read_context(request: Request) -> tuple[ReadApi, auth.Principal]:
+    api: ReadApi = request.state.read_api
+    principal = await auth.principal_of(request)
+    auth.require_role(principal, "writer", "reader", "auditor")
+    return api, principal
+
+
+def position_sql(store: ReadStore, projection: str) -> str:
+    """A scalar subquery giving the projection's position inside the read's one statement."""
+    return (
+        f"(SELECT notification_id FROM {store.tracking_table(projection)}"
+        f" WHERE application_name = '{UPSTREAM}')"
+    )
+
+
+def answer(body: msgspec.Struct, position: int | None) -> Response:
+    return Response(
+        _encoder.encode(body),
+        media_type="application/json",
+        headers={POSITION_HEADER: str(position or 0)},
+    )

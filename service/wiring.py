@@ -1,0 +1,24 @@
+"""Which projections exist, and the runner that keeps them: the one list every process
+kind (embedded, `accubooks project`) builds from."""
+
+from __future__ import annotations
+
+from infra.eventstore import EventLog
+from infra.settings import Settings
+from projections.readmodel import Projector
+from projections.runner import ProjectionRunner
+from projections.scenarios import ScenariosProjector
+
+
+def projectors() -> list[Projector]:
+    return [ScenariosProjector()]
+
+
+def projection_runner(settings: Settings, log: EventLog) -> ProjectionRunner:
+    return ProjectionRunner(
+        settings,
+        log,
+        projectors(),
+        batch_size=settings.projection_batch_size,
+        wakeup_s=settings.projection_wakeup_s,
+    )
