@@ -3,7 +3,9 @@ state) and how it answers: msgspec-encoded JSON with the projection position it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import msgspec
 from starlette.requests import Request
@@ -23,6 +25,7 @@ _encoder = msgspec.json.Encoder()
 class ReadApi:
     store: ReadStore
     signer: CursorSigner
+    clock: Callable[[], datetime]
 
 
 async def read_context(request: Request) -> tuple[ReadApi, auth.Principal]:

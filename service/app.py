@@ -22,7 +22,7 @@ from infra.auth import Authenticator
 from infra.eventstore import EventLog, open_event_log
 from infra.readstore import ReadStore
 from infra.settings import Settings, cursor_key
-from readapi import scenarios as scenario_reads
+from readapi import dashboard, forecasts, scenarios, usage
 from readapi.context import ReadApi
 from readapi.paging import CursorSigner
 from service import errors, wiring
@@ -91,7 +91,9 @@ def create_app(
                 "write_api": write_routes.WriteApi(
                     deps=deps, max_body_bytes=settings.max_body_bytes
                 ),
-                "read_api": ReadApi(store=store, signer=CursorSigner(cursor_key(settings))),
+                "read_api": ReadApi(
+                    store=store, signer=CursorSigner(cursor_key(settings)), clock=utc_now
+                ),
                 "projections": runner,
             }
         finally:
@@ -105,7 +107,10 @@ def create_app(
         routes=[
             Route("/health/live", live, methods=["GET"]),
             *write_routes.routes,
-            *scenario_reads.routes,
+            *scenarios.routes,
+            *forecasts.routes,
+            *dashboard.routes,
+            *usage.routes,
         ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
+import threading
 import sys
 import uuid
 from collections.abc import Sequence
@@ -23,6 +26,7 @@ from domain.errors import DomainError
 from infra import settings as settings_module
 from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
+from service import wiring
 from service.app import create_app, utc_now
 
 
@@ -47,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_cmds.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id", type=UUID)
     revoke.add_argument("--json", action="store_true", help="machine-readable output")
+
+    project = sub.add_parser("project", help="run the projection workers until stopped")
+    project.add_argument("--json", action="store_true", help="print progress as JSON lines")
 
     for name, text in (
         ("serve", "run the embedded all-in-one service (SQLite unless DATABASE_URL is set)"),
@@ -82,9 +89,8 @@ def _operator_command(args: argparse.Namespace, log: EventLog) -> None:
 
 
 async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -> None:
-    config = uvicorn.Config(
-        create_app(settings), host=args.host, port=args.port, log_level="warning", lifespan="on"
-    )
+    app = create_app(settings, run_projections=args.command == "serve")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
@@ -98,6 +104,28 @@ async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -
     await task
 
 
+def _project(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    """Runs the projection workers until SIGTERM or SIGINT, then stops them cleanly (a
+    batch in flight commits or rolls back whole)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log = open_event_log(settings)
+    runner = wiring.projection_runner(settings, log)
+    runner.start()
+    names = ", ".join(runner.workers)
+    started: dict[str, Any] = {"projections": list(runner.workers), "pid": os.getpid()}
+    print(
+        msgspec.json.encode(started).decode() if args.json else f"projecting: {names}", flush=True
+    )
+    try:
+        stop.wait()
+    finally:
+        runner.stop()
+        log.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_module.from_env()
@@ -105,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "api"):
         asyncio.run(_serve(args, settings))
         return 0
+    if args.command == "project":
+        return _project(args, settings)
     try:
         log = open_event_log(settings)
     except InfraError as e:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from infra.eventstore import EventLog
 from infra.settings import Settings
+from projections.dashboard import DashboardProjector
+from projections.forecasts import ForecastsProjector
 from projections.readmodel import Projector
 from projections.runner import ProjectionRunner
 from projections.scenarios import ScenariosProjector
+from projections.usage import UsageProjector
 
 
 def projectors() -> list[Projector]:
-    return [ScenariosProjector()]
+    return [ScenariosProjector(), ForecastsProjector(), DashboardProjector(), UsageProjector()]
 
 
 def projection_runner(settings: Settings, log: EventLog) -> ProjectionRunner:

@@ -1,0 +1,176 @@
+"""Forecast reads: a page of the tenant's forecasts (filters scenarioId and status, newest
+first, each with its scenario's id, name and type) and one forecast with its result;
+each is one indexed statement."""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+from uuid import UUID
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from infra.readstore import ReadStore, Row
+from readapi import paging
+from readapi.context import answer, position_sql, read_context
+from readapi.errors import NotFoundError, QueryValidationError
+
+PROJECTION = "forecasts"
+STATUSES: Final = ("queued", "running", "completed", "failed")
+ForecastStatus = Literal["queued", "running", "completed", "failed"]
+_COLUMNS = (
+    "id, scenario_id, scenario_name, scenario_type, status, horizon_months, paths,"
+    " created_at, completed_at, failure_reason"
+)
+
+
+class ScenarioRef(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    type: str
+
+
+class ForecastItem(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    id: str
+    scenario_id: str
+    scenario: ScenarioRef
+    status: ForecastStatus
+    horizon_months: int
+    paths: int
+    requested_at: str
+    completed_at: str | None
+    failure_reason: str | None
+
+
+class ForecastDetail(ForecastItem, frozen=True, kw_only=True, rename="camel"):
+    # The result document of API.md, null until the forecast completes.
+    result: msgspec.Raw | None
+
+
+class ForecastPage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    data: list[ForecastItem]
+    pagination: paging.Pagination
+    next_cursor: str | None
+
+
+def _fields(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "scenario_id": row["scenario_id"],
+        "scenario": ScenarioRef(
+            id=row["scenario_id"], name=row["scenario_name"], type=row["scenario_type"]
+        ),
+        "status": row["status"],
+        "horizon_months": row["horizon_months"],
+        "paths": row["paths"],
+        "requested_at": row["created_at"],
+        "completed_at": row["completed_at"],
+        "failure_reason": row["failure_reason"],
+    }
+
+
+def _filters(params: Any) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    if "scenarioId" in params:
+        try:
+            filters["scenarioId"] = str(UUID(params["scenarioId"]))
+        except ValueError:
+            raise QueryValidationError("`scenarioId` must be a UUID") from None
+    if "status" in params:
+        if params["status"] not in STATUSES:
+            raise QueryValidationError(f"`status` must be one of {', '.join(STATUSES)}")
+        filters["status"] = params["status"]
+    return filters
+
+
+def list_forecasts(
+    store: ReadStore, tenant_id: UUID, request: paging.PageRequest
+) -> tuple[list[Row], int, int | None]:
+    scenario_id = request.filters.get("scenarioId")
+    status = request.filters.get("status")
+    where = "tenant_id = ?"
+    params: list[Any] = [str(tenant_id), scenario_id or "", status or "", str(tenant_id)]
+    if scenario_id:
+        where += " AND scenario_id = ?"
+        params.append(scenario_id)
+    if status:
+        where += " AND status = ?"
+        params.append(status)
+    if request.after:
+        where += " AND (created_at, id) < (?, ?)"
+        params.extend(request.after)
+    params.extend([request.limit + 1, request.offset])
+    sql = (
+        f"SELECT c.n AS total, {position_sql(store, PROJECTION)} AS position, r.*"
+        " FROM (SELECT CAST(? AS TEXT) AS tenant_id, CAST(? AS TEXT) AS scenario_id,"
+        " CAST(? AS TEXT) AS status) q"
+        " LEFT JOIN forecasts_counts c ON c.tenant_id = q.tenant_id"
+        " AND c.scenario_id = q.scenario_id AND c.status = q.status"
+        f" LEFT JOIN (SELECT {_COLUMNS} FROM forecasts_rows WHERE {where}"
+        " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?) r ON 1 = 1"
+        " ORDER BY r.created_at DESC, r.id DESC"
+    )
+    rows = store.query(PROJECTION, sql, params)
+    total = rows[0]["total"] or 0
+    return [row for row in rows if row["id"] is not None], total, rows[0]["position"]
+
+
+async def get_forecasts(request: Request) -> Response:
+    api, principal = await read_context(request)
+    page = paging.page_request(
+        request.query_params,
+        principal.tenant_id,
+        api.signer,
+        filters=_filters(request.query_params),
+        allowed=frozenset({"scenarioId", "status"}),
+    )
+    rows, total, position = await run_in_threadpool(
+        list_forecasts, api.store, principal.tenant_id, page
+    )
+    shown = rows[: page.limit]
+    body = ForecastPage(
+        data=[ForecastItem(**_fields(row)) for row in shown],
+        pagination=paging.pagination(page, total),
+        next_cursor=paging.next_cursor(
+            api.signer, principal.tenant_id, page, shown[-1] if len(rows) > page.limit else None
+        ),
+    )
+    return answer(body, position)
+
+
+def find_forecast(
+    store: ReadStore, tenant_id: UUID, forecast_id: str
+) -> tuple[Row | None, int | None]:
+    sql = (
+        f"SELECT {position_sql(store, PROJECTION)} AS position, r.*"
+        " FROM (SELECT 1 AS one) q"
+        f" LEFT JOIN (SELECT {_COLUMNS}, result FROM forecasts_rows"
+        " WHERE tenant_id = ? AND id = ?) r ON 1 = 1"
+    )
+    [row] = store.query(PROJECTION, sql, [str(tenant_id), forecast_id])
+    return (row if row["id"] is not None else None), row["position"]
+
+
+async def get_forecast(request: Request) -> Response:
+    api, principal = await read_context(request)
+    raw_id = request.path_params["forecast_id"]
+    try:
+        forecast_id = str(UUID(raw_id))
+    except ValueError:
+        raise NotFoundError(f"forecast {raw_id} not found") from None
+    row, position = await run_in_threadpool(
+        find_forecast, api.store, principal.tenant_id, forecast_id
+    )
+    if row is None:
+        raise NotFoundError(f"forecast {forecast_id} not found")
+    result = msgspec.Raw(row["result"].encode()) if row["result"] else None
+    return answer(ForecastDetail(**_fields(row), result=result), position)
+
+
+routes = [
+    Route("/api/forecasts", get_forecasts, methods=["GET"]),
+    Route("/api/forecasts/{forecast_id}", get_forecast, methods=["GET"]),
+]
