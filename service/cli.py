@@ -8,8 +8,8 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
