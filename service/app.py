@@ -78,8 +78,11 @@ def create_app(
         runner = wiring.projection_runner(settings, log) if run_projections else None
         if runner is not None:
             runner.start()
-        app.state.projections = runner
         store = ReadStore(settings)
+        read_api = ReadApi(store=store, signer=CursorSigner(cursor_key(settings)), clock=utc_now)
+        # Also on app.state, for operators' tools and tests that wait on positions.
+        app.state.projections = runner
+        app.state.read_api = read_api
         deps = Collaborators(
             log=log, clock=utc_now, new_id=uuid.uuid4, attempts=settings.command_attempts
         )
@@ -91,9 +94,7 @@ def create_app(
                 "write_api": write_routes.WriteApi(
                     deps=deps, max_body_bytes=settings.max_body_bytes
                 ),
-                "read_api": ReadApi(
-                    store=store, signer=CursorSigner(cursor_key(settings)), clock=utc_now
-                ),
+                "read_api": read_api,
                 "projections": runner,
             }
         finally:
