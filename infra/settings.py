@@ -36,9 +36,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # Projections.
     projection_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
-    # The longest a worker sleeps without checking the log (a lost notification, or a
-    # write by another process on SQLite, waits at most this long).
-    projection_wakeup_s: PositiveSeconds = 0.05
+    # The longest a worker sleeps without checking the log. PostgreSQL wakes workers by
+    # notification, so this only bounds the delay of a lost one; SQLite has none across
+    # processes, so there workers poll.
+    projection_wakeup_s: PositiveSeconds = 1.0
+    projection_poll_s: PositiveSeconds = 0.05
 
     # Event store connections.
     db_pool_size: PositiveInt = 5

@@ -23,5 +23,7 @@ def projection_runner(settings: Settings, log: EventLog) -> ProjectionRunner:
         log,
         projectors(),
         batch_size=settings.projection_batch_size,
-        wakeup_s=settings.projection_wakeup_s,
+        wakeup_s=(
+            settings.projection_wakeup_s if settings.database_url else settings.projection_poll_s
+        ),
     )
