@@ -10,8 +10,11 @@ import msgspec
 
 from domain import forecast
 from domain import scenario_spec as spec
+from infra import apidoc
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
+# Validated against the scenario's type once that type is known.
+RawAssumptions = Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.assumptions_schema())]
 
 
 class _Body(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
@@ -22,14 +25,13 @@ class CreateScenarioBody(_Body, frozen=True):
     name: Name
     type: spec.ScenarioType
     baseline: spec.Baseline
-    # Validated against the scenario type once the type is known.
-    assumptions: msgspec.Raw
+    assumptions: RawAssumptions
 
 
 class UpdateScenarioBody(_Body, frozen=True):
     name: Name | msgspec.UnsetType = msgspec.UNSET
     baseline: spec.Baseline | msgspec.UnsetType = msgspec.UNSET
-    assumptions: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    assumptions: RawAssumptions | msgspec.UnsetType = msgspec.UNSET
 
 
 class ArchiveScenarioBody(_Body, frozen=True):

@@ -12,15 +12,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from commands import forecasts, messages, scenarios
+from commands import forecasts, messages, scenarios, views
 from commands.context import Collaborators, CommandContext, checked_idempotency_key
 from commands.errors import NotFoundError
 from commands.idempotency import Reply
 from domain.events import Actor
-from infra import auth, wire
+from infra import apidoc, auth, wire
 from infra.errors import RequestValidationError
 
-_IF_MATCH = re.compile(r'^(?:W/)?"?([0-9]{1,9})"?$')
+_VERSION = r'(?:W/)?"?([0-9]{1,9})"?'
+_IF_MATCH = re.compile(rf"^{_VERSION}$")
 
 
 @dataclass(frozen=True)
@@ -111,4 +112,78 @@ routes = [
     Route("/api/scenarios/{scenario_id}", update_scenario, methods=["PATCH"]),
     Route("/api/scenarios/{scenario_id}/archive", archive_scenario, methods=["POST"]),
     Route("/api/forecasts/generate", generate_forecast, methods=["POST"]),
+]
+
+_SCENARIO_ID = apidoc.uuid_path("scenario_id", "The scenario's id.")
+_IF_MATCH_PARAM = apidoc.Param(
+    name="If-Match",
+    where="header",
+    schema={"type": "string", "pattern": rf"^\s*(?:\*|{_VERSION})\s*$"},
+    description='The version the change is based on (3 or "3"); a stale one is 409.',
+)
+_ETAG = apidoc.Header(
+    name="ETag",
+    schema={"type": "string", "pattern": '^"[0-9]+"$'},
+    description="The scenario's version, for If-Match.",
+)
+_LOCATION = apidoc.Header(
+    name="Location", schema={"type": "string"}, description="Where the resource can be read."
+)
+
+operations = [
+    apidoc.Operation(
+        method="POST",
+        path="/api/scenarios",
+        summary="Create a scenario",
+        operation_id="createScenario",
+        roles=apidoc.WRITE_ROLES,
+        status=201,
+        request_body=messages.CreateScenarioBody,
+        response=views.ScenarioView,
+        is_command=True,
+        errors=apidoc.COMMAND_ERRORS,
+        response_headers=(_ETAG, _LOCATION),
+    ),
+    apidoc.Operation(
+        method="PATCH",
+        path="/api/scenarios/{scenario_id}",
+        summary="Change a scenario's name, baseline or assumptions",
+        operation_id="updateScenario",
+        roles=apidoc.WRITE_ROLES,
+        status=200,
+        request_body=messages.UpdateScenarioBody,
+        response=views.ScenarioView,
+        is_command=True,
+        params=(_SCENARIO_ID, _IF_MATCH_PARAM),
+        errors=(*apidoc.COMMAND_ERRORS, 404),
+        response_headers=(_ETAG,),
+    ),
+    apidoc.Operation(
+        method="POST",
+        path="/api/scenarios/{scenario_id}/archive",
+        summary="Archive a scenario",
+        operation_id="archiveScenario",
+        roles=apidoc.WRITE_ROLES,
+        status=200,
+        request_body=messages.ArchiveScenarioBody,
+        request_body_required=False,
+        response=views.ScenarioView,
+        is_command=True,
+        params=(_SCENARIO_ID,),
+        errors=(*apidoc.COMMAND_ERRORS, 404),
+        response_headers=(_ETAG,),
+    ),
+    apidoc.Operation(
+        method="POST",
+        path="/api/forecasts/generate",
+        summary="Queue a forecast of a scenario",
+        operation_id="generateForecast",
+        roles=apidoc.WRITE_ROLES,
+        status=202,
+        request_body=messages.GenerateForecastBody,
+        response=views.ForecastAccepted,
+        is_command=True,
+        errors=(*apidoc.COMMAND_ERRORS, 404),
+        response_headers=(_LOCATION,),
+    ),
 ]

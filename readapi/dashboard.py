@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi.context import answer, position_sql, read_context
 from readapi.errors import QueryValidationError
@@ -80,3 +81,16 @@ async def get_dashboard(request: Request) -> Response:
 
 
 routes = [Route("/api/dashboard", get_dashboard, methods=["GET"])]
+
+operations = [
+    apidoc.Operation(
+        method="GET",
+        path="/api/dashboard",
+        summary="The tenant's scenario and forecast counts",
+        operation_id="getDashboard",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=Dashboard,
+        errors=apidoc.READ_ERRORS,
+    )
+]

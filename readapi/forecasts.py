@@ -4,7 +4,7 @@ each is one indexed statement."""
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
 import msgspec
@@ -13,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from domain import scenario_spec as spec
+from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi import paging
 from readapi.context import answer, position_sql, read_context
@@ -45,9 +47,39 @@ class ForecastItem(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     failure_reason: str | None
 
 
+class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
+    p10: list[float]
+    p50: list[float]
+    p90: list[float]
+
+
+class ForecastBands(msgspec.Struct, frozen=True, kw_only=True):
+    revenue: Percentiles
+    cash: Percentiles
+
+
+class ForecastResult(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A completed forecast's result document (API.md), served as stored: every array has
+    one number per month, rounded to cents; ``bands`` are the Monte Carlo percentiles."""
+
+    months: list[spec.Month]
+    revenue: list[float]
+    costs: list[float]
+    net: list[float]
+    cash: list[float]
+    bands: ForecastBands
+    runway_month: spec.Month | None
+    probability_cash_negative: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    paths: int
+
+
+# Stored JSON is served as is; the annotation gives it its documented shape.
+ResultJson = Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.ref(ForecastResult))]
+
+
 class ForecastDetail(ForecastItem, frozen=True, kw_only=True, rename="camel"):
-    # The result document of API.md, null until the forecast completes.
-    result: msgspec.Raw | None
+    # Null until the forecast completes.
+    result: ResultJson | None
 
 
 class ForecastPage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -173,4 +205,44 @@ async def get_forecast(request: Request) -> Response:
 routes = [
     Route("/api/forecasts", get_forecasts, methods=["GET"]),
     Route("/api/forecasts/{forecast_id}", get_forecast, methods=["GET"]),
+]
+
+operations = [
+    apidoc.Operation(
+        method="GET",
+        path="/api/forecasts",
+        summary="List the tenant's forecasts, newest first",
+        operation_id="getForecasts",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=ForecastPage,
+        params=(
+            *apidoc.paging_params(default_limit=paging.DEFAULT_LIMIT, max_limit=paging.MAX_LIMIT),
+            apidoc.Param(
+                name="scenarioId",
+                where="query",
+                schema={"type": "string", "format": "uuid"},
+                description="Only this scenario's forecasts.",
+            ),
+            apidoc.Param(
+                name="status",
+                where="query",
+                schema={"enum": list(STATUSES)},
+                description="Only forecasts with this status.",
+            ),
+        ),
+        errors=apidoc.READ_ERRORS,
+    ),
+    apidoc.Operation(
+        method="GET",
+        path="/api/forecasts/{forecast_id}",
+        summary="Read a forecast with its result once completed",
+        operation_id="getForecast",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=ForecastDetail,
+        params=(apidoc.uuid_path("forecast_id", "The forecast's id."),),
+        errors=(*apidoc.READ_ERRORS, 404),
+        schema_types=(ForecastResult,),
+    ),
 ]

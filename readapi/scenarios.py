@@ -3,7 +3,7 @@ and one scenario with its latest forecasts; each is one indexed statement."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
@@ -12,8 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from domain import scenario_spec as spec
+from infra import apidoc
 from infra.readstore import ReadStore, Row
-from readapi import paging
+from readapi import forecasts, paging
 from readapi.context import answer, position_sql, read_context
 from readapi.errors import NotFoundError
 
@@ -23,21 +25,50 @@ _COLUMNS = (
 )
 
 
+class ForecastSummary(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """One of a scenario's latest forecasts as the read model stores them (documents
+    ``latestForecasts``, which is served as stored)."""
+
+    id: str
+    status: forecasts.ForecastStatus
+    horizon_months: int
+    paths: int
+    requested_at: str
+    completed_at: str | None
+
+
+# Stored JSON is served as is; the annotations give these fields their documented shape.
+BaselineJson = Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.ref(spec.Baseline))]
+AssumptionsJson = Annotated[
+    msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.assumptions_schema())
+]
+LatestForecastsJson = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(
+        extra_json_schema={
+            "type": "array",
+            "items": apidoc.ref(ForecastSummary),
+            "description": "The latest forecasts of the scenario, newest first.",
+        }
+    ),
+]
+
+
 class ScenarioItem(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     id: str
     name: str
     type: str
     status: str
     version: int
-    baseline: msgspec.Raw
-    assumptions: msgspec.Raw
+    baseline: BaselineJson
+    assumptions: AssumptionsJson
     created_at: str
     updated_at: str
     forecast_count: int
 
 
 class ScenarioDetail(ScenarioItem, frozen=True, kw_only=True, rename="camel"):
-    latest_forecasts: msgspec.Raw
+    latest_forecasts: LatestForecastsJson
 
 
 class ScenarioPage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -137,4 +168,33 @@ async def get_scenario(request: Request) -> Response:
 routes = [
     Route("/api/scenarios", get_scenarios, methods=["GET"]),
     Route("/api/scenarios/{scenario_id}", get_scenario, methods=["GET"]),
+]
+
+_SCHEMA_TYPES = (spec.Baseline, ForecastSummary)
+
+operations = [
+    apidoc.Operation(
+        method="GET",
+        path="/api/scenarios",
+        summary="List the tenant's scenarios, newest first",
+        operation_id="getScenarios",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=ScenarioPage,
+        params=apidoc.paging_params(default_limit=paging.DEFAULT_LIMIT, max_limit=paging.MAX_LIMIT),
+        errors=apidoc.READ_ERRORS,
+        schema_types=_SCHEMA_TYPES,
+    ),
+    apidoc.Operation(
+        method="GET",
+        path="/api/scenarios/{scenario_id}",
+        summary="Read a scenario with its latest forecasts",
+        operation_id="getScenario",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=ScenarioDetail,
+        params=(apidoc.uuid_path("scenario_id", "The scenario's id."),),
+        errors=(*apidoc.READ_ERRORS, 404),
+        schema_types=_SCHEMA_TYPES,
+    ),
 ]

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi.context import answer, position_sql, read_context
 from readapi.errors import QueryValidationError
@@ -61,3 +62,24 @@ async def get_usage(request: Request) -> Response:
 
 
 routes = [Route("/api/usage", get_usage, methods=["GET"])]
+
+operations = [
+    apidoc.Operation(
+        method="GET",
+        path="/api/usage",
+        summary="The tenant's usage in one calendar month",
+        operation_id="getUsage",
+        roles=apidoc.READ_ROLES,
+        status=200,
+        response=Usage,
+        params=(
+            apidoc.Param(
+                name="month",
+                where="query",
+                schema={"type": "string", "pattern": _MONTH.pattern},
+                description="YYYY-MM (UTC); default: the current month.",
+            ),
+        ),
+        errors=apidoc.READ_ERRORS,
+    )
+]

@@ -25,7 +25,7 @@ from infra.settings import Settings, cursor_key
 from readapi import dashboard, forecasts, scenarios, usage
 from readapi.context import ReadApi
 from readapi.paging import CursorSigner
-from service import errors, wiring
+from service import errors, openapi, wiring
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -107,6 +107,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/health/live", live, methods=["GET"]),
+            openapi.route,
             *write_routes.routes,
             *scenarios.routes,
             *forecasts.routes,
