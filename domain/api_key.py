@@ -11,7 +11,7 @@ from uuid import UUID, uuid5
 
 from eventsourcing.domain import AggregateCreated, AggregateEvent, BaseAggregate
 
-from domain.errors import KeyRevokedError
+from domain.errors import KeyRevokedError, UnknownRoleError
 from domain.events import Actor, Attributed
 
 Role = Literal["writer", "reader", "auditor"]
@@ -54,6 +54,8 @@ class ApiKey(BaseAggregate[UUID]):
 
     @classmethod
     def issue(cls, actor: Actor, key_hash: str, role: Role, *, at: datetime) -> ApiKey:
+        if role not in ROLES:
+            raise UnknownRoleError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         return cls._create(
             cls.Issued,
             id=key_id_for(key_hash),

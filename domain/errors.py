@@ -22,3 +22,22 @@ class KeyRevokedError(DomainError):
     """Raised when an already revoked API key is revoked again."""
 
     code = "KEY_REVOKED"
+
+
+class ForeignTenantError(DomainError):
+    """Raised when an actor of one tenant acts on another tenant's aggregate (to the
+    caller it is indistinguishable from a missing one)."""
+
+    code = "NOT_FOUND"
+
+
+class ScenarioTypeChangeError(DomainError):
+    """Raised when new assumptions are of another scenario type (the type is fixed)."""
+
+    code = "VALIDATION_ERROR"
+
+
+class UnknownRoleError(DomainError):
+    """Raised when a key is issued with a role that does not exist."""
+
+    code = "VALIDATION_ERROR"

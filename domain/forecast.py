@@ -52,6 +52,7 @@ class Forecast(BaseAggregate[UUID]):
         paths: int,
         at: datetime,
     ) -> Forecast:
+        scenario.ensure_owned_by(actor)
         scenario.ensure_active()
         return cls._create(
             cls.Requested,

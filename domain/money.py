@@ -21,7 +21,8 @@ def checked_money(value: Decimal, field: str) -> Decimal:
         raise ValueError(f"`{field}` must have at most 2 decimal places")
     if abs(value) >= MONEY_LIMIT:
         raise ValueError(f"`{field}` must be below {MONEY_LIMIT} in absolute value")
-    return value.quantize(CENT)
+    # Normalised, and never "-0.00".
+    return value.quantize(CENT) + 0
 
 
 def normalise_money_fields(struct: msgspec.Struct, *names: str) -> None:

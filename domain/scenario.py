@@ -4,14 +4,16 @@ baseline and assumptions change by events until it is archived, after which noth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from eventsourcing.domain import AggregateCreated, AggregateEvent, BaseAggregate
 
 from domain import scenario_spec as spec
-from domain.errors import ScenarioArchivedError
+from domain.errors import ForeignTenantError, ScenarioArchivedError, ScenarioTypeChangeError
 from domain.events import Actor, Attributed
 
 ACTIVE = "active"
@@ -91,8 +93,10 @@ class Scenario(BaseAggregate[UUID]):
             id=scenario_id,
             timestamp=at,
             name=name,
-            baseline=spec.baseline_payload(baseline),
-            assumptions=spec.assumptions_payload(assumptions),
+            baseline=_checked(spec.baseline_payload(baseline), spec.baseline_from_payload),
+            assumptions=_checked(
+                spec.assumptions_payload(assumptions), spec.assumptions_from_payload
+            ),
             **actor.attribution(),
         )
 
@@ -107,23 +111,49 @@ class Scenario(BaseAggregate[UUID]):
     ) -> None:
         """Records one event per part that really changes; an update that changes nothing
         records nothing (and so leaves the version as it was)."""
+        self.ensure_owned_by(actor)
         self.ensure_active()
         if assumptions is not None and spec.scenario_type(assumptions) != self.type:
-            raise ValueError("the assumptions of a scenario keep its type")
+            raise ScenarioTypeChangeError("the assumptions of a scenario keep its type")
+        # Every part is checked before any event is recorded: an update is all or nothing.
+        baseline_payload = (
+            None
+            if baseline is None or baseline == self.baseline
+            else _checked(spec.baseline_payload(baseline), spec.baseline_from_payload)
+        )
+        assumptions_payload = (
+            None
+            if assumptions is None or assumptions == self.assumptions
+            else _checked(spec.assumptions_payload(assumptions), spec.assumptions_from_payload)
+        )
         who = actor.attribution()
         if name is not None and name != self.name:
             self.trigger_event(self.Renamed, timestamp=at, name=name, **who)
-        if baseline is not None and baseline != self.baseline:
-            payload = spec.baseline_payload(baseline)
-            self.trigger_event(self.BaselineChanged, timestamp=at, baseline=payload, **who)
-        if assumptions is not None and assumptions != self.assumptions:
-            payload = spec.assumptions_payload(assumptions)
-            self.trigger_event(self.AssumptionsChanged, timestamp=at, assumptions=payload, **who)
+        if baseline_payload is not None:
+            self.trigger_event(self.BaselineChanged, timestamp=at, baseline=baseline_payload, **who)
+        if assumptions_payload is not None:
+            self.trigger_event(
+                self.AssumptionsChanged, timestamp=at, assumptions=assumptions_payload, **who
+            )
 
     def archive(self, actor: Actor, *, at: datetime) -> None:
+        self.ensure_owned_by(actor)
         self.ensure_active()
         self.trigger_event(self.Archived, timestamp=at, **actor.attribution())
+
+    def ensure_owned_by(self, actor: Actor) -> None:
+        if actor.tenant_id != self.tenant_id:
+            raise ForeignTenantError(f"scenario {self.id} not found")
 
     def ensure_active(self) -> None:
         if self.status == ARCHIVED:
             raise ScenarioArchivedError(f"scenario {self.id} is archived")
+
+
+def _checked(payload: dict[str, Any], decode: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    """The payload, once it is known to decode (struct constructors skip range checks)."""
+    try:
+        decode(payload)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid scenario values: {e}") from e
+    return payload
