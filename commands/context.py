@@ -22,7 +22,7 @@ class Collaborators:
     clock: Callable[[], datetime]
     new_id: Callable[[], UUID]
     # Bounded retries when a concurrent command changed the aggregate first.
-    attempts: int = 5
+    attempts: int = 20
 
 
 @dataclass(frozen=True)

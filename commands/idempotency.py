@@ -7,6 +7,8 @@ commits and the others answer what it stored.
 from __future__ import annotations
 
 import hashlib
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +70,11 @@ def run(deps: Collaborators, ctx: CommandContext, route: str, attempt: Callable[
     answer when the winner had our key).
     """
     receipt_id = receipt_id_for(ctx.actor.tenant_id, ctx.idempotency_key)
-    for _ in range(deps.attempts):
+    for tries in range(deps.attempts):
+        if tries:
+            # Jittered exponential backoff spreads writers that keep colliding on one
+            # aggregate, so each retry has a fair chance (bounded: 50 ms at most).
+            time.sleep(random.uniform(0, min(0.05, 0.001 * 2**tries)))
         plan = attempt()
         fprint = fingerprint(route, plan.command)
         stored = deps.log.find(receipt_id, CommandReceipt)

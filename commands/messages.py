@@ -12,7 +12,10 @@ from domain import forecast
 from domain import scenario_spec as spec
 from infra import apidoc
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
+# Some visible text, and no control characters (PostgreSQL text cannot even hold NUL).
+Name = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^(?=.*\S)[^\x00-\x1f\x7f]+$")
+]
 # Validated against the scenario's type once that type is known.
 RawAssumptions = Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.assumptions_schema())]
 

@@ -41,8 +41,8 @@ def _operator(deps: Collaborators, tenant_id: UUID) -> Actor:
 
 def create_tenant(deps: Collaborators, name: str) -> TenantCreated:
     name = name.strip()
-    if not 1 <= len(name) <= 200:
-        raise ValueError("a tenant name is 1-200 characters")
+    if not 1 <= len(name) <= 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("a tenant name is 1-200 characters, none of them control characters")
     tenant = Tenant.register(_operator(deps, deps.new_id()), name, at=deps.clock())
     deps.log.save(tenant)
     return TenantCreated(tenant_id=tenant.id, name=tenant.name)

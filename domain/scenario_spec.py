@@ -38,8 +38,10 @@ class Baseline(
 
     def __post_init__(self) -> None:
         money.normalise_money_fields(self, "opening_cash", "monthly_revenue", "monthly_costs")
-        if self.monthly_revenue < 0 or self.monthly_costs < 0:
-            raise ValueError("`monthlyRevenue` and `monthlyCosts` must not be negative")
+        if self.monthly_revenue < 0:
+            raise ValueError("`monthlyRevenue` must not be negative")
+        if self.monthly_costs < 0:
+            raise ValueError("`monthlyCosts` must not be negative")
 
 
 class _Assumptions(

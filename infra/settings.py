@@ -29,7 +29,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=5)] = 2.0
     auth_cache_entries: PositiveInt = 10_000
     # Bounded retries of a command whose aggregate changed under it (no If-Match sent).
-    command_attempts: PositiveInt = 5
+    command_attempts: PositiveInt = 20
     # Signs paging cursors; every API process of a deployment needs the same value.
     # Unset: derived from the store's address (fine embedded, set it in production).
     cursor_secret: str = ""

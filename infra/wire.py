@@ -16,6 +16,7 @@ T = TypeVar("T")
 
 _JSON_MEDIA_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 _PATH_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+_NAMED_FIELD = re.compile(r"^`(\w+)` ")
 
 
 def request_id_of(request: Request) -> str:
@@ -75,8 +76,13 @@ def validation_error(error: msgspec.ValidationError, *, at: str = "") -> Request
     text = str(error)
     message, sep, path = text.rpartition(" - at `")
     if not sep:
-        return RequestValidationError(text, details=[{"pointer": at, "message": text}])
+        message, path = text, ""
     steps = [name or index for name, index in _PATH_STEP.findall(path.rstrip("`"))]
+    # A check of one field made in its struct's __post_init__ is reported by msgspec at
+    # the struct; such messages start with the field's name, which completes the pointer.
+    named = _NAMED_FIELD.match(message)
+    if named:
+        steps.append(named.group(1))
     pointer = at + "".join("/" + step for step in steps)
     return RequestValidationError(
         f"{message} at {pointer or '/'}", details=[{"pointer": pointer, "message": message}]

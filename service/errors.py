@@ -99,7 +99,10 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(request, "NOT_FOUND", "no such route")
     if exc.status_code == 405:
-        return error_response(request, "METHOD_NOT_ALLOWED", "method not allowed on this route")
+        response = error_response(request, "METHOD_NOT_ALLOWED", "method not allowed on this route")
+        # A 405 must name what is allowed (RFC 9110); Starlette computed it.
+        response.headers.update(exc.headers or {})
+        return response
     code = "VALIDATION_ERROR" if exc.status_code < 500 else "INTERNAL_ERROR"
     return error_response(request, code, str(exc.detail), status=exc.status_code)
 
