@@ -16,8 +16,8 @@ from starlette.routing import Route
 from domain import scenario_spec as spec
 from infra import apidoc
 from infra.readstore import ReadStore, Row
-from readapi import paging
-from readapi.context import answer, position_sql, read_context
+from readapi import paging, queries
+from readapi.context import answer, read_context
 from readapi.errors import NotFoundError, QueryValidationError
 
 PROJECTION = "forecasts"
@@ -120,34 +120,24 @@ def _filters(params: Any) -> dict[str, str]:
 
 def list_forecasts(
     store: ReadStore, tenant_id: UUID, request: paging.PageRequest
-) -> tuple[list[Row], int, int | None]:
+) -> queries.PageOfRows:
     scenario_id = request.filters.get("scenarioId")
     status = request.filters.get("status")
-    where = "tenant_id = ?"
-    params: list[Any] = [str(tenant_id), scenario_id or "", status or "", str(tenant_id)]
-    if scenario_id:
-        where += " AND scenario_id = ?"
-        params.append(scenario_id)
-    if status:
-        where += " AND status = ?"
-        params.append(status)
-    if request.after:
-        where += " AND (created_at, id) < (?, ?)"
-        params.extend(request.after)
-    params.extend([request.limit + 1, request.offset])
-    sql = (
-        f"SELECT c.n AS total, {position_sql(store, PROJECTION)} AS position, r.*"
-        " FROM (SELECT CAST(? AS TEXT) AS tenant_id, CAST(? AS TEXT) AS scenario_id,"
-        " CAST(? AS TEXT) AS status) q"
-        " LEFT JOIN forecasts_counts c ON c.tenant_id = q.tenant_id"
-        " AND c.scenario_id = q.scenario_id AND c.status = q.status"
-        f" LEFT JOIN (SELECT {_COLUMNS} FROM forecasts_rows WHERE {where}"
-        " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?) r ON 1 = 1"
-        " ORDER BY r.created_at DESC, r.id DESC"
+    equal = [("scenario_id", scenario_id)] if scenario_id else []
+    equal += [("status", status)] if status else []
+    return queries.page_of(
+        store,
+        PROJECTION,
+        table="forecasts_rows",
+        columns=_COLUMNS,
+        # The counter row of exactly these filters ("" stands for any).
+        total_sql="SELECT n FROM forecasts_counts"
+        " WHERE tenant_id = ? AND scenario_id = ? AND status = ?",
+        total_params=[str(tenant_id), scenario_id or "", status or ""],
+        tenant_id=tenant_id,
+        equal=equal,
+        request=request,
     )
-    rows = store.query(PROJECTION, sql, params)
-    total = rows[0]["total"] or 0
-    return [row for row in rows if row["id"] is not None], total, rows[0]["position"]
 
 
 async def get_forecasts(request: Request) -> Response:
@@ -159,42 +149,27 @@ async def get_forecasts(request: Request) -> Response:
         filters=_filters(request.query_params),
         allowed=frozenset({"scenarioId", "status"}),
     )
-    rows, total, position = await run_in_threadpool(
-        list_forecasts, api.store, principal.tenant_id, page
-    )
-    shown = rows[: page.limit]
+    found = await run_in_threadpool(list_forecasts, api.store, principal.tenant_id, page)
     body = ForecastPage(
-        data=[ForecastItem(**_fields(row)) for row in shown],
-        pagination=paging.pagination(page, total),
-        next_cursor=paging.next_cursor(
-            api.signer, principal.tenant_id, page, shown[-1] if len(rows) > page.limit else None
-        ),
+        data=[ForecastItem(**_fields(row)) for row in found.rows],
+        pagination=paging.pagination(page, found.total),
+        next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
     )
-    return answer(body, position)
-
-
-def find_forecast(
-    store: ReadStore, tenant_id: UUID, forecast_id: str
-) -> tuple[Row | None, int | None]:
-    sql = (
-        f"SELECT {position_sql(store, PROJECTION)} AS position, r.*"
-        " FROM (SELECT 1 AS one) q"
-        f" LEFT JOIN (SELECT {_COLUMNS}, result FROM forecasts_rows"
-        " WHERE tenant_id = ? AND id = ?) r ON 1 = 1"
-    )
-    [row] = store.query(PROJECTION, sql, [str(tenant_id), forecast_id])
-    return (row if row["id"] is not None else None), row["position"]
+    return answer(body, found.position)
 
 
 async def get_forecast(request: Request) -> Response:
     api, principal = await read_context(request)
-    raw_id = request.path_params["forecast_id"]
-    try:
-        forecast_id = str(UUID(raw_id))
-    except ValueError:
-        raise NotFoundError(f"forecast {raw_id} not found") from None
+    forecast_id = queries.resource_id(request, "forecast_id", "forecast")
     row, position = await run_in_threadpool(
-        find_forecast, api.store, principal.tenant_id, forecast_id
+        lambda: queries.one_of(
+            api.store,
+            PROJECTION,
+            table="forecasts_rows",
+            columns=f"{_COLUMNS}, result",
+            tenant_id=principal.tenant_id,
+            row_id=forecast_id,
+        )
     )
     if row is None:
         raise NotFoundError(f"forecast {forecast_id} not found")

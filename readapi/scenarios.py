@@ -3,7 +3,7 @@ and one scenario with its latest forecasts; each is one indexed statement."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
@@ -15,8 +15,8 @@ from starlette.routing import Route
 from domain import scenario_spec as spec
 from infra import apidoc
 from infra.readstore import ReadStore, Row
-from readapi import forecasts, paging
-from readapi.context import answer, position_sql, read_context
+from readapi import forecasts, paging, queries
+from readapi.context import answer, read_context
 from readapi.errors import NotFoundError
 
 PROJECTION = "scenarios"
@@ -94,66 +94,44 @@ def _item(row: Row) -> ScenarioItem:
 
 def list_scenarios(
     store: ReadStore, tenant_id: UUID, request: paging.PageRequest
-) -> tuple[list[Row], int, int | None]:
-    keyset = " AND (created_at, id) < (?, ?)" if request.after else ""
-    sql = (
-        f"SELECT t.total AS total, {position_sql(store, PROJECTION)} AS position, r.*"
-        " FROM (SELECT CAST(? AS TEXT) AS tenant_id) q"
-        " LEFT JOIN scenarios_tenants t ON t.tenant_id = q.tenant_id"
-        f" LEFT JOIN (SELECT {_COLUMNS} FROM scenarios_rows WHERE tenant_id = ?{keyset}"
-        " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?) r ON 1 = 1"
-        " ORDER BY r.created_at DESC, r.id DESC"
+) -> queries.PageOfRows:
+    return queries.page_of(
+        store,
+        PROJECTION,
+        table="scenarios_rows",
+        columns=_COLUMNS,
+        total_sql="SELECT total FROM scenarios_tenants WHERE tenant_id = ?",
+        total_params=[str(tenant_id)],
+        tenant_id=tenant_id,
+        equal=[],
+        request=request,
     )
-    params: list[Any] = [str(tenant_id), str(tenant_id)]
-    if request.after:
-        params.extend(request.after)
-    params.extend([request.limit + 1, request.offset])
-    rows = store.query(PROJECTION, sql, params)
-    total = rows[0]["total"] or 0
-    position = rows[0]["position"]
-    return [row for row in rows if row["id"] is not None], total, position
 
 
 async def get_scenarios(request: Request) -> Response:
     api, principal = await read_context(request)
     page = paging.page_request(request.query_params, principal.tenant_id, api.signer)
-    rows, total, position = await run_in_threadpool(
-        list_scenarios, api.store, principal.tenant_id, page
-    )
-    shown = rows[: page.limit]
-    more = len(rows) > page.limit
+    found = await run_in_threadpool(list_scenarios, api.store, principal.tenant_id, page)
     body = ScenarioPage(
-        data=[_item(row) for row in shown],
-        pagination=paging.pagination(page, total),
-        next_cursor=paging.next_cursor(
-            api.signer, principal.tenant_id, page, shown[-1] if more else None
-        ),
+        data=[_item(row) for row in found.rows],
+        pagination=paging.pagination(page, found.total),
+        next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
     )
-    return answer(body, position)
-
-
-def find_scenario(
-    store: ReadStore, tenant_id: UUID, scenario_id: str
-) -> tuple[Row | None, int | None]:
-    sql = (
-        f"SELECT {position_sql(store, PROJECTION)} AS position, r.*"
-        " FROM (SELECT 1 AS one) q"
-        f" LEFT JOIN (SELECT {_COLUMNS}, latest_forecasts FROM scenarios_rows"
-        " WHERE tenant_id = ? AND id = ?) r ON 1 = 1"
-    )
-    [row] = store.query(PROJECTION, sql, [str(tenant_id), scenario_id])
-    return (row if row["id"] is not None else None), row["position"]
+    return answer(body, found.position)
 
 
 async def get_scenario(request: Request) -> Response:
     api, principal = await read_context(request)
-    raw_id = request.path_params["scenario_id"]
-    try:
-        scenario_id = str(UUID(raw_id))
-    except ValueError:
-        raise NotFoundError(f"scenario {raw_id} not found") from None
+    scenario_id = queries.resource_id(request, "scenario_id", "scenario")
     row, position = await run_in_threadpool(
-        find_scenario, api.store, principal.tenant_id, scenario_id
+        lambda: queries.one_of(
+            api.store,
+            PROJECTION,
+            table="scenarios_rows",
+            columns=f"{_COLUMNS}, latest_forecasts",
+            tenant_id=principal.tenant_id,
+            row_id=scenario_id,
+        )
     )
     if row is None:
         raise NotFoundError(f"scenario {scenario_id} not found")
