@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ from typing import IO, Protocol
 
 import psycopg
 
+from infra import locks
 from infra.eventstore import EventLog
 from infra.settings import Settings
 
@@ -30,11 +30,6 @@ class Waiter(Protocol):
         """Returns when the log may have grown, or after ``timeout_s`` at the latest."""
 
     def close(self) -> None: ...
-
-
-def _lock_key(name: str) -> int:
-    digest = hashlib.sha256(f"accubooks.projection.{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @contextlib.contextmanager
@@ -56,7 +51,9 @@ def _advisory_lock(url: str, name: str, stop: threading.Event) -> Iterator[bool]
     # The lock lives as long as this session: a killed worker releases it with its socket.
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(name),)).fetchone()
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (locks.lock_key(f"projection.{name}"),)
+            ).fetchone()
             if row and row[0]:
                 yield True
                 return

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
+import psycopg
 import psycopg.conninfo
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import BaseAggregate
@@ -22,7 +23,7 @@ from eventsourcing.utils import Environment
 
 # Importing the aggregates registers their pinned topics, so stored events decode.
 from domain import api_key, forecast, receipt, scenario, tenant  # noqa: F401
-from infra import errors
+from infra import errors, locks
 from infra.settings import Settings
 
 A = TypeVar("A", bound=BaseAggregate[UUID])
@@ -128,6 +129,7 @@ def projection_file(settings: Settings, name: str) -> str:
 def open_event_log(settings: Settings) -> EventLog:
     """Opens (and on first use creates) the event store named by the settings."""
     try:
-        return EventLog(env=library_env(settings))
-    except (OperationalError, InterfaceError) as e:
+        with locks.schema_lock(settings):
+            return EventLog(env=library_env(settings))
+    except (OperationalError, InterfaceError, psycopg.OperationalError) as e:
         raise errors.StoreUnavailableError("the event store is unavailable") from e

@@ -17,6 +17,7 @@ from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Composed
 
+from infra import locks
 from infra.eventstore import EventLog, projection_env
 from infra.settings import Settings
 
@@ -85,6 +86,13 @@ class _ReadModel:
         The tracking row is written first: it takes the write lock at once, and a stale
         position (another worker got there first) fails before any row changes."""
         with self.datastore.transaction(commit=True) as cursor:  # type: ignore[attr-defined]
+            if self.is_postgres:
+                # A view and its position are lost or kept together, so a crash may only
+                # replay a batch: the durability of every event is the log's, not ours.
+                cursor.execute("SET LOCAL synchronous_commit = off")
+                # Statements are prepared after a few runs; a generic plan made while the
+                # tables were small would keep scanning the wrong index as they grow.
+                cursor.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             self._insert_tracking(cursor, Tracking(EventLog.name, position))  # type: ignore[attr-defined]
             self.projector.apply(Tx(cursor, postgres=self.is_postgres), events)
 
@@ -122,5 +130,6 @@ def open_read_model(settings: Settings, projector: Projector) -> ReadModel:
     else:
         model = factory.tracking_recorder(SQLiteReadModel)  # type: ignore[assignment]
     model.install(projector)
-    model.create_table()
+    with locks.schema_lock(settings):
+        model.create_table()
     return model
