@@ -17,12 +17,24 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 
 
 @dataclass(frozen=True)
+class QueueLimits:
+    """Admission control of forecasts: how many may be queued or running at once."""
+
+    # (all tenants, this tenant) forecasts queued or running now.
+    depth: Callable[[UUID], tuple[int, int]]
+    total: int = 100
+    per_tenant: int = 20
+
+
+@dataclass(frozen=True)
 class Collaborators:
     log: EventLog
     clock: Callable[[], datetime]
     new_id: Callable[[], UUID]
     # Bounded retries when a concurrent command changed the aggregate first.
     attempts: int = 20
+    # None: no admission control (operator tools that request no forecasts).
+    queue: QueueLimits | None = None
 
 
 @dataclass(frozen=True)

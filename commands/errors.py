@@ -45,3 +45,10 @@ class VersionConflictError(CommandError):
     """Raised when If-Match names a version that is no longer the current one."""
 
     code = "VERSION_CONFLICT"
+
+
+class QueueFullError(CommandError):
+    """Raised when the forecasts queued or running, globally or for the tenant, are at
+    their limit; nothing is appended, so the same key may be retried later."""
+
+    code = "QUEUE_FULL"

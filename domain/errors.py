@@ -41,3 +41,10 @@ class UnknownRoleError(DomainError):
     """Raised when a key is issued with a role that does not exist."""
 
     code = "VALIDATION_ERROR"
+
+
+class ForecastFinishedError(DomainError):
+    """Raised when a completed or failed forecast is started, completed or failed again
+    (a redelivered job finds its work already done)."""
+
+    code = "FORECAST_FINISHED"

@@ -42,6 +42,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     projection_wakeup_s: PositiveSeconds = 1.0
     projection_poll_s: PositiveSeconds = 0.05
 
+    # Forecast jobs.
+    forecast_queue_limit: PositiveInt = 100
+    forecast_tenant_limit: PositiveInt = 20
+    # Hard limit of one forecast's computation; over it the forecast fails with TIMEOUT.
+    forecast_timeout_s: PositiveSeconds = 30.0
+    worker_threads: PositiveInt = 2
+    broker_timeout_s: PositiveSeconds = 5.0
+    # Redis broker: how long a message held by a dead worker waits before redelivery.
+    broker_heartbeat_timeout_s: PositiveSeconds = 60.0
+
     # Event store connections.
     db_pool_size: PositiveInt = 5
     db_pool_max_overflow: Annotated[int, msgspec.Meta(ge=0)] = 10

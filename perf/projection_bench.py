@@ -43,12 +43,12 @@ from domain import scenario_spec as spec
 from domain.events import Actor
 from domain.forecast import Forecast
 from domain.scenario import Scenario
+from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
 from projections.readmodel import Projector
 from projections.runner import ProjectionRunner
 from service import wiring
-from service.app import utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "perf" / "reports"

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from domain.forecast import Forecast
+from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
 from projections.readmodel import Positioned, Tx, iso
 
@@ -33,6 +33,9 @@ class DashboardProjector:
             "CREATE TABLE IF NOT EXISTS dashboard_tenants ("
             f" tenant_id TEXT PRIMARY KEY, {counters}, by_type TEXT NOT NULL,"
             " last_activity_at TEXT)",
+            # Each forecast's status, so a status change moves one count to another.
+            "CREATE TABLE IF NOT EXISTS dashboard_forecasts ("
+            " id TEXT PRIMARY KEY, status TEXT NOT NULL)",
         ]
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
@@ -43,6 +46,13 @@ class DashboardProjector:
             row["tenant_id"]: {**row, "by_type": json.loads(row["by_type"])}
             for row in tx.select_in(
                 f"SELECT {', '.join(_COLUMNS)} FROM dashboard_tenants WHERE tenant_id", tenants
+            )
+        }
+        statuses: dict[str, str] = {
+            row["id"]: row["status"]
+            for row in tx.select_in(
+                "SELECT id, status FROM dashboard_forecasts WHERE id",
+                sorted({str(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}),
             )
         }
         for event, _ in events:
@@ -62,6 +72,13 @@ class DashboardProjector:
             elif isinstance(event, Forecast.Requested):
                 row["forecasts_total"] += 1
                 row["forecasts_queued"] += 1
+                statuses[str(event.originator_id)] = QUEUED
+            elif isinstance(event, _STATUS_EVENTS):
+                forecast_id = str(event.originator_id)
+                new_status = _STATUS_OF[type(event)]
+                row[f"forecasts_{statuses[forecast_id]}"] -= 1
+                row[f"forecasts_{new_status}"] += 1
+                statuses[forecast_id] = new_status
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
         tx.executemany(
             f"INSERT INTO dashboard_tenants ({', '.join(_COLUMNS)})"
@@ -72,6 +89,19 @@ class DashboardProjector:
                 for row in rows.values()
             ],
         )
+        tx.executemany(
+            "INSERT INTO dashboard_forecasts (id, status) VALUES (?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET status = excluded.status",
+            sorted(statuses.items()),
+        )
+
+
+_STATUS_OF: dict[type[Any], str] = {
+    Forecast.Started: RUNNING,
+    Forecast.Completed: COMPLETED,
+    Forecast.Failed: FAILED,
+}
+_STATUS_EVENTS = tuple(_STATUS_OF)
 
 
 def _empty(tenant_id: str) -> dict[str, Any]:

@@ -4,10 +4,11 @@ filtered page is one indexed statement with its total and no COUNT(*)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from domain.forecast import QUEUED, Forecast
+from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
 from projections.readmodel import Positioned, Tx, iso
 
@@ -36,6 +37,7 @@ class ForecastsProjector:
             " ON forecasts_rows (tenant_id, scenario_id, created_at DESC, id DESC)",
             "CREATE INDEX IF NOT EXISTS forecasts_rows_status"
             " ON forecasts_rows (tenant_id, status, created_at DESC, id DESC)",
+            "CREATE INDEX IF NOT EXISTS forecasts_rows_id ON forecasts_rows (id)",
             "CREATE TABLE IF NOT EXISTS forecasts_scenarios ("
             " id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, name TEXT NOT NULL,"
             " type TEXT NOT NULL)",
@@ -54,9 +56,17 @@ class ForecastsProjector:
                 "SELECT id, name, type FROM forecasts_scenarios WHERE id", wanted
             )
         }
+        changed_ids = sorted(
+            {str(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}
+        )
+        # Rows stored before this batch whose status changes in it; rows the batch creates.
+        stored: dict[str, dict[str, Any]] = {
+            row["id"]: dict(row)
+            for row in tx.select_in(f"SELECT {_COLUMNS} FROM forecasts_rows WHERE id", changed_ids)
+        }
+        created: dict[str, dict[str, Any]] = {}
         new_scenarios: list[tuple[str, str, str, str]] = []
         renames: list[tuple[str, str, str]] = []
-        new_rows: list[list[Any]] = []
         counts: dict[tuple[str, str, str], int] = {}
         for event, _ in events:
             if isinstance(event, Scenario.Created):
@@ -74,37 +84,41 @@ class ForecastsProjector:
                     scenarios[scenario_id]["name"] = event.name
                 renames.append((event.name, str(event.tenant_id), scenario_id))
             elif isinstance(event, Forecast.Requested):
-                scenario = scenarios[str(event.scenario_id)]
-                tenant_id = str(event.tenant_id)
-                new_rows.append(
-                    [
-                        tenant_id,
-                        str(event.originator_id),
-                        scenario["id"],
-                        scenario["name"],
-                        scenario["type"],
-                        QUEUED,
-                        event.horizon_months,
-                        event.paths,
-                        iso(event.timestamp),
-                        None,
-                        None,
-                        None,
-                    ]
-                )
-                for key in _count_keys(tenant_id, scenario["id"], QUEUED):
-                    counts[key] = counts.get(key, 0) + 1
+                row = _new_row(event, scenarios[str(event.scenario_id)])
+                created[row["id"]] = row
+                _count(counts, row, +1)
+            elif isinstance(event, _STATUS_EVENTS):
+                forecast_id = str(event.originator_id)
+                row = created.get(forecast_id) or stored[forecast_id]
+                _count(counts, row, -1)
+                _change_status(row, event)
+                _count(counts, row, +1)
         tx.executemany(
             "INSERT INTO forecasts_scenarios (id, tenant_id, name, type) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
             new_scenarios,
         )
-        # Renames apply in log order, after the rows of this batch exist.
         tx.executemany(
             f"INSERT INTO forecasts_rows ({_COLUMNS}) VALUES ({','.join('?' * 12)})"
             " ON CONFLICT (tenant_id, id) DO NOTHING",
-            new_rows,
+            [[row[c] for c in _COLUMN_NAMES] for row in created.values()],
         )
+        tx.executemany(
+            "UPDATE forecasts_rows SET status = ?, completed_at = ?, failure_reason = ?,"
+            " result = ? WHERE tenant_id = ? AND id = ?",
+            [
+                [
+                    row["status"],
+                    row["completed_at"],
+                    row["failure_reason"],
+                    row["result"],
+                    row["tenant_id"],
+                    row["id"],
+                ]
+                for row in stored.values()
+            ],
+        )
+        # Renames apply after the rows of this batch exist (the last one is the latest).
         tx.executemany(
             "UPDATE forecasts_scenarios SET name = ? WHERE tenant_id = ? AND id = ?", renames
         )
@@ -116,8 +130,47 @@ class ForecastsProjector:
             "INSERT INTO forecasts_counts (tenant_id, scenario_id, status, n) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (tenant_id, scenario_id, status) DO UPDATE"
             " SET n = forecasts_counts.n + excluded.n",
-            [[*key, n] for key, n in sorted(counts.items())],
+            [[*key, n] for key, n in sorted(counts.items()) if n],
         )
+
+
+_STATUS_EVENTS = (Forecast.Started, Forecast.Completed, Forecast.Failed)
+_COLUMN_NAMES = [c.strip() for c in _COLUMNS.split(",")]
+
+
+def _new_row(event: Forecast.Requested, scenario: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tenant_id": str(event.tenant_id),
+        "id": str(event.originator_id),
+        "scenario_id": scenario["id"],
+        "scenario_name": scenario["name"],
+        "scenario_type": scenario["type"],
+        "status": QUEUED,
+        "horizon_months": event.horizon_months,
+        "paths": event.paths,
+        "created_at": iso(event.timestamp),
+        "completed_at": None,
+        "failure_reason": None,
+        "result": None,
+    }
+
+
+def _change_status(row: dict[str, Any], event: Any) -> None:
+    if isinstance(event, Forecast.Started):
+        row["status"] = RUNNING
+    elif isinstance(event, Forecast.Completed):
+        row["status"] = COMPLETED
+        row["completed_at"] = iso(event.timestamp)
+        row["result"] = json.dumps(event.result, separators=(",", ":"))
+    elif isinstance(event, Forecast.Failed):
+        row["status"] = FAILED
+        row["completed_at"] = iso(event.timestamp)
+        row["failure_reason"] = event.reason
+
+
+def _count(counts: dict[tuple[str, str, str], int], row: dict[str, Any], delta: int) -> None:
+    for key in _count_keys(row["tenant_id"], row["scenario_id"], row["status"]):
+        counts[key] = counts.get(key, 0) + delta
 
 
 def _count_keys(tenant_id: str, scenario_id: str, status: str) -> list[tuple[str, str, str]]:

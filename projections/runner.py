@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from infra import coordination
+from infra.errors import InfraError
 from infra.eventstore import EventLog
 from infra.settings import Settings
 from projections.readmodel import Positioned, Projector, ReadModel, open_read_model
@@ -81,7 +82,7 @@ class ProjectionWorker:
                 with coordination.exclusive_worker(self._settings, self.name, self._stop) as held:
                     if held:
                         self._follow()
-            except (PersistenceError, OSError) as e:
+            except (PersistenceError, InfraError, OSError) as e:
                 # The store went away or a driver failed: keep the position, retry.
                 logger.warning("projection %s paused: %s", self.name, e)
                 self._stop.wait(_RETRY_S)

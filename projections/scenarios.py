@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from domain.forecast import QUEUED, Forecast
+from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
 from projections.readmodel import Positioned, Tx, iso
 
@@ -43,10 +43,29 @@ class ScenariosProjector:
         ]
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
-        ids = sorted({self._scenario_id(event) for event, _ in events} - {None})  # type: ignore[type-var]
+        status_changes = [e for e, _ in events if isinstance(e, _STATUS_EVENTS)]
+        owner_of: dict[str, str] = {
+            row["forecast_id"]: row["scenario_id"]
+            for row in tx.select_in(
+                "SELECT forecast_id, scenario_id FROM scenarios_forecast_owner WHERE forecast_id",
+                sorted({str(e.originator_id) for e in status_changes}),
+            )
+        }
+        owner_of.update(
+            (str(e.originator_id), str(e.scenario_id))
+            for e, _ in events
+            if isinstance(e, Forecast.Requested)
+        )
+        ids = {str(e.originator_id) for e, _ in events if isinstance(e, Scenario.Event)}
+        ids |= {str(e.scenario_id) for e, _ in events if isinstance(e, Forecast.Requested)}
+        ids |= {
+            owner_of[str(e.originator_id)]
+            for e in status_changes
+            if str(e.originator_id) in owner_of
+        }
         rows: dict[str, dict[str, Any]] = {
             row["id"]: dict(row)
-            for row in tx.select_in(f"SELECT {_COLUMNS} FROM scenarios_rows WHERE id", ids)
+            for row in tx.select_in(f"SELECT {_COLUMNS} FROM scenarios_rows WHERE id", sorted(ids))
         }
         new_per_tenant: dict[str, int] = {}
         owners: list[tuple[str, str]] = []
@@ -62,6 +81,10 @@ class ScenariosProjector:
                 if scenario is not None:
                     _add_forecast(scenario, event)
                     owners.append((str(event.originator_id), str(event.scenario_id)))
+            elif isinstance(event, _STATUS_EVENTS):
+                owner = rows.get(owner_of.get(str(event.originator_id), ""))
+                if owner is not None:
+                    _update_summary(owner, event)
         tx.executemany(
             f"INSERT INTO scenarios_rows ({_COLUMNS}) VALUES ({','.join('?' * 12)})"
             " ON CONFLICT (tenant_id, id) DO UPDATE SET updated_at = excluded.updated_at,"
@@ -83,13 +106,8 @@ class ScenariosProjector:
             owners,
         )
 
-    @staticmethod
-    def _scenario_id(event: Any) -> str | None:
-        if isinstance(event, Scenario.Event):
-            return str(event.originator_id)
-        if isinstance(event, Forecast.Requested):
-            return str(event.scenario_id)
-        return None
+
+_STATUS_EVENTS = (Forecast.Started, Forecast.Completed, Forecast.Failed)
 
 
 def _new_row(event: Scenario.Created) -> dict[str, Any]:
@@ -139,6 +157,20 @@ def _add_forecast(row: dict[str, Any], event: Forecast.Requested) -> None:
     latest = [summary, *json.loads(row["latest_forecasts"])][:LATEST_FORECASTS]
     row["latest_forecasts"] = _json(latest)
     row["forecast_count"] += 1
+
+
+def _update_summary(row: dict[str, Any], event: Any) -> None:
+    """A forecast among the latest 10 shows its new status; older ones are not listed."""
+    latest = json.loads(row["latest_forecasts"])
+    for summary in latest:
+        if summary["id"] == str(event.originator_id):
+            if isinstance(event, Forecast.Started):
+                summary["status"] = RUNNING
+            else:
+                summary["status"] = COMPLETED if isinstance(event, Forecast.Completed) else FAILED
+                summary["completedAt"] = iso(event.timestamp)
+            row["latest_forecasts"] = _json(latest)
+            return
 
 
 def _json(value: Any) -> str:

@@ -46,6 +46,9 @@ class UsageProjector:
                 delta["scenarios_created"] += 1
             elif isinstance(event, Forecast.Requested):
                 delta["forecasts_requested"] += 1
+            elif isinstance(event, Forecast.Completed):
+                delta["forecasts_completed"] += 1
+                delta["compute_seconds"] += event.compute_seconds
         columns = (*_COUNTERS, "compute_seconds")
         additions = ", ".join(f"{c} = usage_months.{c} + excluded.{c}" for c in columns)
         tx.executemany(

@@ -7,7 +7,6 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from commands import routes as write_routes
 from commands.context import Collaborators
 from infra.auth import Authenticator
+from infra.broker import open_broker
+from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.readstore import ReadStore
 from infra.settings import Settings, cursor_key
@@ -28,10 +29,6 @@ from readapi.paging import CursorSigner
 from service import errors, openapi, wiring
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class RequestIdMiddleware:
@@ -66,25 +63,42 @@ async def live(_: Request) -> Response:
 
 
 def create_app(
-    settings: Settings, *, event_log: EventLog | None = None, run_projections: bool = False
+    settings: Settings,
+    *,
+    event_log: EventLog | None = None,
+    run_projections: bool = False,
+    run_jobs: bool | None = None,
 ) -> Starlette:
     """The ASGI app. ``event_log`` lets a caller share an already open store (tests, the
     embedded process); otherwise the lifespan opens and closes its own. With
-    ``run_projections`` the projection workers run inside this process (embedded mode)."""
+    ``run_projections`` the projection workers, the forecast dispatcher and job workers
+    run inside this process (the embedded default: the in-process broker unless
+    BROKER_URL names one); ``run_jobs=False`` keeps only the read models (forecasts then
+    stay queued, which tests of reads and admission rely on)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log = event_log or open_event_log(settings)
-        runner = wiring.projection_runner(settings, log) if run_projections else None
-        if runner is not None:
+        workers = runner = None
+        if run_projections:
+            if run_jobs is not False:
+                workers = wiring.job_workers(settings, log, open_broker(settings))
+                workers.start()
+            runner = wiring.projection_runner(settings, log, workers.broker if workers else None)
             runner.start()
+        else:
+            wiring.ensure_read_models(settings)
         store = ReadStore(settings)
         read_api = ReadApi(store=store, signer=CursorSigner(cursor_key(settings)), clock=utc_now)
         # Also on app.state, for operators' tools and tests that wait on positions.
         app.state.projections = runner
         app.state.read_api = read_api
         deps = Collaborators(
-            log=log, clock=utc_now, new_id=uuid.uuid4, attempts=settings.command_attempts
+            log=log,
+            clock=utc_now,
+            new_id=uuid.uuid4,
+            attempts=settings.command_attempts,
+            queue=wiring.queue_limits(settings, store),
         )
         try:
             yield {
@@ -101,6 +115,8 @@ def create_app(
             store.close()
             if runner is not None:
                 runner.stop()
+            if workers is not None:
+                workers.stop()
             if event_log is None:
                 log.close()
 

@@ -24,10 +24,12 @@ from commands.errors import CommandError
 from domain import api_key
 from domain.errors import DomainError
 from infra import settings as settings_module
+from infra.broker import open_broker
+from infra.clock import utc_now
 from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
 from service import wiring
-from service.app import create_app, utc_now
+from service.app import create_app
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     project = sub.add_parser("project", help="run the projection workers until stopped")
     project.add_argument("--json", action="store_true", help="print progress as JSON lines")
+    worker = sub.add_parser("worker", help="run forecast job workers (needs BROKER_URL)")
+    worker.add_argument("--json", action="store_true", help="print the start line as JSON")
 
     for name, text in (
         ("serve", "run the embedded all-in-one service (SQLite unless DATABASE_URL is set)"),
@@ -111,7 +115,10 @@ def _project(args: argparse.Namespace, settings: settings_module.Settings) -> in
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log = open_event_log(settings)
-    runner = wiring.projection_runner(settings, log)
+    # Without a broker of its own there is nowhere to send jobs: the dispatcher then runs
+    # in `accubooks serve`, whose in-process workers consume them.
+    broker = open_broker(settings) if settings.broker_url else None
+    runner = wiring.projection_runner(settings, log, broker)
     runner.start()
     names = ", ".join(runner.workers)
     started: dict[str, Any] = {"projections": list(runner.workers), "pid": os.getpid()}
@@ -122,6 +129,30 @@ def _project(args: argparse.Namespace, settings: settings_module.Settings) -> in
         stop.wait()
     finally:
         runner.stop()
+        if broker is not None:
+            broker.close()
+        log.close()
+    return 0
+
+
+def _work(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    """Runs forecast job workers until SIGTERM or SIGINT; a job in flight finishes (or is
+    redelivered by the broker if the process dies)."""
+    if not settings.broker_url:
+        print("accubooks: worker needs BROKER_URL (redis:// or amqp://)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log = open_event_log(settings)
+    workers = wiring.job_workers(settings, log, open_broker(settings))
+    workers.start()
+    started: dict[str, Any] = {"worker": "forecasts", "pid": os.getpid()}
+    print(msgspec.json.encode(started).decode() if args.json else "working: forecasts", flush=True)
+    try:
+        stop.wait()
+    finally:
+        workers.stop()
         log.close()
     return 0
 
@@ -135,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "project":
         return _project(args, settings)
+    if args.command == "worker":
+        return _work(args, settings)
     try:
         log = open_event_log(settings)
     except InfraError as e:

@@ -14,9 +14,10 @@ from starlette.testclient import TestClient
 
 from commands import tenants
 from commands.context import Collaborators
+from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
-from service.app import create_app, utc_now
+from service.app import create_app
 from tests.services import postgres_database
 
 

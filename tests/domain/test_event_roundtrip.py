@@ -8,6 +8,7 @@ import pkgutil
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec.inspect as mi
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import domain
-from domain import api_key, forecast
+from domain import api_key, forecast, money
 from domain.api_key import ApiKey
 from domain.forecast import Forecast
 from domain.receipt import CommandReceipt
@@ -53,6 +54,17 @@ paths = values_of(mi.type_info(forecast.Paths), "paths")
 idempotency_keys = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=255
 )
+# A forecast result's amounts: finite floats rounded to cents, as the forecaster stores
+# them (whole cents divided by 100, so never -0.0 or NaN, which would not compare equal).
+_LARGEST_CENTS = int((money.MONEY_LIMIT - money.CENT) / money.CENT)
+result_amounts = st.integers(min_value=-_LARGEST_CENTS, max_value=_LARGEST_CENTS).map(
+    lambda cents: cents / 100
+)
+first_months = st.tuples(
+    st.integers(min_value=2000, max_value=2100), st.integers(min_value=1, max_value=12)
+)
+# Seconds a worker spent: any finite non-negative float (JSON keeps every one exactly).
+compute_times = st.floats(min_value=0.0, max_value=86_400.0, allow_nan=False)
 
 
 def later(draw: st.DrawFn, aggregate: BaseAggregate[UUID]) -> datetime:
@@ -144,6 +156,71 @@ def requested_forecast(draw: st.DrawFn, new_id: IdSource) -> Forecast:
     )
 
 
+def started_forecast(draw: st.DrawFn, new_id: IdSource) -> Forecast:
+    """A requested forecast taken by a worker once, or again after a worker crashed."""
+    requested = requested_forecast(draw, new_id)
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        requested.start(draw(actors(requested.tenant_id)), at=later(draw, requested))
+    return requested
+
+
+def month_names(draw: st.DrawFn, count: int) -> list[str]:
+    """`count` consecutive months as "YYYY-MM", from a drawn first month."""
+    year, month = draw(first_months)
+    return [
+        f"{year + (month - 1 + step) // 12:04d}-{(month - 1 + step) % 12 + 1:02d}"
+        for step in range(count)
+    ]
+
+
+def forecast_result(draw: st.DrawFn, started: Forecast) -> dict[str, Any]:
+    """A result document shaped as API.md's: one amount per month of the horizon in every
+    series and band, a runway month among them (or none), a probability over the paths."""
+    months = month_names(draw, started.horizon_months)
+
+    def series() -> list[float]:
+        return draw(st.lists(result_amounts, min_size=len(months), max_size=len(months)))
+
+    def percentiles() -> dict[str, list[float]]:
+        return {"p10": series(), "p50": series(), "p90": series()}
+
+    negative_paths = draw(st.integers(min_value=0, max_value=started.paths))
+    return {
+        "months": months,
+        "revenue": series(),
+        "costs": series(),
+        "net": series(),
+        "cash": series(),
+        "bands": {"revenue": percentiles(), "cash": percentiles()},
+        "runwayMonth": draw(st.none() | st.sampled_from(months)),
+        "probabilityCashNegative": negative_paths / started.paths,
+        "paths": started.paths,
+    }
+
+
+def completed_forecast(draw: st.DrawFn, new_id: IdSource) -> Forecast:
+    started = started_forecast(draw, new_id)
+    started.complete(
+        draw(actors(started.tenant_id)),
+        result=forecast_result(draw, started),
+        compute_seconds=draw(compute_times),
+        at=later(draw, started),
+    )
+    return started
+
+
+def failed_forecast(draw: st.DrawFn, new_id: IdSource) -> Forecast:
+    """A forecast that failed while queued (timed out waiting) or while running."""
+    unfinished = draw(st.sampled_from([requested_forecast, started_forecast]))(draw, new_id)
+    unfinished.fail(
+        draw(actors(unfinished.tenant_id)),
+        reason=draw(st.sampled_from([forecast.TIMEOUT, forecast.ERROR])),
+        message=draw(st.text(max_size=200)),
+        at=later(draw, unfinished),
+    )
+    return unfinished
+
+
 def recorded_receipt(draw: st.DrawFn, new_id: IdSource) -> CommandReceipt:
     return CommandReceipt.record(
         draw(actors(new_id())),
@@ -167,6 +244,9 @@ MAKERS: dict[type[object], Maker] = {
     Scenario.AssumptionsChanged: reassumed_scenario,
     Scenario.Archived: archived_scenario,
     Forecast.Requested: requested_forecast,
+    Forecast.Started: started_forecast,
+    Forecast.Completed: completed_forecast,
+    Forecast.Failed: failed_forecast,
     CommandReceipt.Recorded: recorded_receipt,
 }
 EVENT_CLASSES = list(MAKERS)

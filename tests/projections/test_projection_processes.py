@@ -36,13 +36,13 @@ from domain.forecast import Forecast
 from domain.receipt import CommandReceipt
 from domain.scenario import Scenario
 from infra import locks
+from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log, projection_file
 from infra.readstore import ReadStore
 from infra.settings import Settings
 from projections import forecasts as forecasts_model
 from projections.runner import ProjectionRunner
 from service import wiring
-from service.app import utc_now
 from tests.conftest import scenario_body
 from tests.services import postgres_database
 

@@ -26,8 +26,10 @@ from tests.conftest import Tenant, command_headers, make_tenant, scenario_body
 
 @pytest.fixture
 def live(settings: Settings, event_log: EventLog) -> Iterator[TestClient]:
-    """The embedded process: API and projection workers together."""
-    with TestClient(create_app(settings, event_log=event_log, run_projections=True)) as client:
+    """The embedded process: API and projection workers together (no job workers, so
+    forecasts stay queued and reads are deterministic)."""
+    app = create_app(settings, event_log=event_log, run_projections=True, run_jobs=False)
+    with TestClient(app) as client:
         yield client
 
 
