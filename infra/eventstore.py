@@ -108,13 +108,14 @@ def library_env(settings: Settings) -> dict[str, str]:
 
 def projection_env(settings: Settings, name: str) -> dict[str, str]:
     """The library's settings for the tracking recorder of one projection: on PostgreSQL
-    its tables sit beside the events (tracking table <name>_tracking) with a small pool;
+    its tables sit beside the events (tracking table <name>_tracking) with a tiny pool;
     on SQLite each projection has its own file (the library's tracking table name is fixed).
     """
     env = library_env(settings)
     if settings.database_url:
-        env["POSTGRES_POOL_SIZE"] = "2"
-        env["POSTGRES_MAX_OVERFLOW"] = "2"
+        # A worker holds one connection at a time (its batch transaction).
+        env["POSTGRES_POOL_SIZE"] = "1"
+        env["POSTGRES_MAX_OVERFLOW"] = "1"
         return env
     env["SQLITE_DBNAME"] = projection_file(settings, name)
     return env

@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Hard limit of one forecast's computation; over it the forecast fails with TIMEOUT.
     forecast_timeout_s: PositiveSeconds = 30.0
     worker_threads: PositiveInt = 2
+    # Longest an idle job worker waits before polling its broker again (Redis).
+    worker_idle_poll_s: PositiveSeconds = 0.1
     broker_timeout_s: PositiveSeconds = 5.0
     # Redis broker: how long a message held by a dead worker waits before redelivery.
     broker_heartbeat_timeout_s: PositiveSeconds = 60.0

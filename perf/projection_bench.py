@@ -344,7 +344,9 @@ class Process:
 
 
 @contextmanager
-def accubooks(args: list[str], database_url: str) -> Iterator[Process]:
+def accubooks(
+    args: list[str], database_url: str, extra_env: dict[str, str] | None = None
+) -> Iterator[Process]:
     """`accubooks <args> --json` as a process on the benchmark database; always stopped."""
     env = {
         k: v
@@ -352,6 +354,7 @@ def accubooks(args: list[str], database_url: str) -> Iterator[Process]:
         if not k.startswith("ACCUBOOKS_") and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
     }
     env["DATABASE_URL"] = database_url
+    env.update(extra_env or {})
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", *args, "--json"],

@@ -86,9 +86,10 @@ class JobWorkers:
 
     broker: dramatiq.Broker
     worker: dramatiq.Worker
+    threads: int
 
     def start(self) -> None:
-        killable.warm_up()
+        killable.warm_up(self.threads)
         self.worker.start()
 
     def stop(self) -> None:
@@ -99,5 +100,11 @@ class JobWorkers:
 def job_workers(settings: Settings, log: EventLog, broker: dramatiq.Broker) -> JobWorkers:
     deps = JobDeps(log=log, clock=utc_now, timeout_s=settings.forecast_timeout_s)
     declare_actor(broker, deps)
-    worker = dramatiq.Worker(broker, worker_threads=settings.worker_threads)
-    return JobWorkers(broker=broker, worker=worker)
+    # An idle Redis consumer backs off up to worker_timeout between polls (1 s by
+    # default), which would add up to that to every forecast's latency.
+    worker = dramatiq.Worker(
+        broker,
+        worker_threads=settings.worker_threads,
+        worker_timeout=round(settings.worker_idle_poll_s * 1000),
+    )
+    return JobWorkers(broker=broker, worker=worker, threads=settings.worker_threads)
