@@ -52,3 +52,4 @@ class QueueFullError(CommandError):
     their limit; nothing is appended, so the same key may be retried later."""
 
     code = "QUEUE_FULL"
+    operation = "forecast_generation"

@@ -21,6 +21,7 @@ PRELOAD = ["numpy", "msgspec", "domain.forecast_model"]
 _context_lock = threading.Lock()
 _context: Any = None
 _idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
+_START_TIMEOUT_S = 120.0
 
 
 class DeadlineExceededError(Exception):
@@ -96,7 +97,9 @@ def run(
     try:
         child = _idle.get_nowait()
     except queue.Empty:
+        # A new child's start (about a second) must not count against the call's limit.
         child = _Child()
+        child.call(_nothing, (), {}, _START_TIMEOUT_S)
     try:
         result = child.call(call, args, kwargs or {}, timeout_s)
     except ChildFailedError:
@@ -104,6 +107,8 @@ def run(
         raise
     except (DeadlineExceededError, EOFError, OSError) as e:
         child.kill()
+        # Replace it off the caller's clock, so the next call finds a warm child.
+        threading.Thread(target=warm_up, name="killable-replace", daemon=True).start()
         if isinstance(e, DeadlineExceededError):
             raise
         raise ChildFailedError(f"the computation died: {e}") from None
@@ -115,7 +120,7 @@ def warm_up(children: int = 1) -> None:
     """Starts ``children`` children now, so no job pays for a start inside its limit."""
     started = [_Child() for _ in range(children)]
     for child in started:
-        child.call(_nothing, (), {}, 120)
+        child.call(_nothing, (), {}, _START_TIMEOUT_S)
         _idle.put(child)
 
 

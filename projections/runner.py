@@ -57,10 +57,14 @@ class ProjectionWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def signal_stop(self) -> None:
+        """Asks the worker to stop after its current batch (returns at once)."""
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.signal_stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self.model.datastore.close()
@@ -149,6 +153,9 @@ class ProjectionRunner:
             worker.start()
 
     def stop(self) -> None:
+        # All stop together: each may be in a wait of up to its wake-up interval.
+        for worker in self.workers.values():
+            worker.signal_stop()
         for worker in self.workers.values():
             worker.stop()
 

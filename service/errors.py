@@ -91,7 +91,7 @@ async def on_known_error(request: Request, exc: Exception) -> Response:
         return error_response(
             request, exc.code, exc.message, details=exc.details, operation=exc.operation
         )
-    return error_response(request, exc.code, str(exc))
+    return error_response(request, exc.code, str(exc), operation=getattr(exc, "operation", None))
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
