@@ -67,7 +67,7 @@ def create_app(
     *,
     event_log: EventLog | None = None,
     run_projections: bool = False,
-    run_jobs: bool | None = None,
+    run_jobs: bool = True,
 ) -> Starlette:
     """The ASGI app. ``event_log`` lets a caller share an already open store (tests, the
     embedded process); otherwise the lifespan opens and closes its own. With
@@ -81,7 +81,7 @@ def create_app(
         log = event_log or open_event_log(settings)
         workers = runner = None
         if run_projections:
-            if run_jobs is not False:
+            if run_jobs:
                 workers = wiring.job_workers(settings, log, open_broker(settings))
                 workers.start()
             runner = wiring.projection_runner(settings, log, workers.broker if workers else None)
