@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, assert_never
+from typing import Annotated, Any, Final, assert_never
 from uuid import UUID
 
 import msgspec
@@ -53,16 +53,17 @@ class Bands(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ForecastResult(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """A completed forecast's ``result`` (API.md): one number per month, rounded to cents."""
+    """A completed forecast's ``result`` (API.md): one number per month, rounded to cents;
+    ``bands`` are the Monte Carlo percentiles. Also the documented schema of the result."""
 
-    months: list[str]
+    months: list[spec.Month]
     revenue: list[float]
     costs: list[float]
     net: list[float]
     cash: list[float]
     bands: Bands
-    runway_month: str | None
-    probability_cash_negative: float
+    runway_month: spec.Month | None
+    probability_cash_negative: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
     paths: int
 
 

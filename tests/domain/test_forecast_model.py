@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from domain import forecast_model as fm
 from domain import scenario_spec as spec
-from readapi import forecasts as read_forecasts
 from tests.domain.test_scenario_state_machine import assumptions_of, baselines, scenario_types
 
 PROPERTIES = settings(max_examples=40, deadline=None, derandomize=True)
@@ -288,7 +287,8 @@ def test_the_result_has_the_documented_shape() -> None:
     }
     assert set(document["bands"]) == {"revenue", "cash"}
     assert set(document["bands"]["cash"]) == {"p10", "p50", "p90"}
-    read = msgspec.json.decode(encoded, type=read_forecasts.ForecastResult)
+    # Decoding checks the documented constraints (month labels, a probability in 0..1).
+    read = msgspec.json.decode(encoded, type=fm.ForecastResult)
     assert msgspec.json.encode(read) == encoded
 
 
