@@ -26,6 +26,8 @@ CONSISTENCY_TOKEN = "X-Consistency-Token"  # noqa: S105 (a header name)
 REPLAYED = "Idempotent-Replayed"
 
 _canonical = msgspec.json.Encoder(order="sorted")
+# Its own generator: jitter must not disturb (or be disturbed by) the global one.
+_jitter = random.Random()
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def run(deps: Collaborators, ctx: CommandContext, route: str, attempt: Callable[
         if tries:
             # Jittered exponential backoff spreads writers that keep colliding on one
             # aggregate, so each retry has a fair chance (bounded: 50 ms at most).
-            time.sleep(random.uniform(0, min(0.05, 0.001 * 2**tries)))
+            time.sleep(_jitter.uniform(0, min(0.05, 0.001 * 2**tries)))
         plan = attempt()
         fprint = fingerprint(route, plan.command)
         stored = deps.log.find(receipt_id, CommandReceipt)
