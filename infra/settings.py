@@ -33,6 +33,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Signs paging cursors; every API process of a deployment needs the same value.
     # Unset: derived from the store's address (fine embedded, set it in production).
     cursor_secret: str = ""
+    # Load shedding: requests in flight per process before new ones get 503 OVERLOADED
+    # (health and metrics are never shed).
+    max_in_flight: PositiveInt = 64
+    # Longest a read sent with X-Consistency-Token waits for the read models to reach it
+    # (then 503 OPERATION_TIMEOUT, operation read_your_writes).
+    read_your_writes_timeout_s: PositiveSeconds = 2.0
 
     # Projections.
     projection_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
@@ -59,6 +65,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     db_pool_max_overflow: Annotated[int, msgspec.Meta(ge=0)] = 10
     db_pool_timeout_s: PositiveSeconds = 5.0
     db_lock_timeout_s: PositiveSeconds = 5.0
+
+    # Readiness (/health/ready). Its database checks share one deadline, so a hung
+    # database answers 503 within it instead of holding the poller.
+    health_timeout_s: PositiveSeconds = 2.0
+    # Events the slowest read model may trail the log by before the service is degraded.
+    max_projection_lag_events: Annotated[int, msgspec.Meta(ge=0)] = 10_000
 
 
 # Environment variable names; the service addresses keep their conventional names.

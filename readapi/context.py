@@ -26,6 +26,8 @@ class ReadApi:
     store: ReadStore
     signer: CursorSigner
     clock: Callable[[], datetime]
+    # Longest a read waits for its X-Consistency-Token (readapi.consistency).
+    read_your_writes_timeout_s: float = 2.0
 
 
 async def read_context(request: Request) -> tuple[ReadApi, auth.Principal]:

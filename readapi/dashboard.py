@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from infra import apidoc
 from infra.readstore import ReadStore, Row
+from readapi.consistency import wait_for_token
 from readapi.context import answer, position_sql, read_context
 from readapi.errors import QueryValidationError
 
@@ -76,6 +77,7 @@ async def get_dashboard(request: Request) -> Response:
     api, principal = await read_context(request)
     if request.query_params:
         raise QueryValidationError("the dashboard takes no query parameters")
+    await wait_for_token(request, api, PROJECTION)
     row = await run_in_threadpool(load_dashboard, api.store, principal.tenant_id)
     return answer(dashboard_of(row), row["position"])
 

@@ -26,3 +26,10 @@ class QueryValidationError(ReadError):
     """Raised when a query parameter is unknown, not an integer, or out of range."""
 
     code = "VALIDATION_ERROR"
+
+
+class ReadYourWritesTimeoutError(ReadError):
+    """Raised when the read models did not reach a read's X-Consistency-Token in time."""
+
+    code = "OPERATION_TIMEOUT"
+    operation = "read_your_writes"

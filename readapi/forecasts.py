@@ -13,10 +13,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from domain import scenario_spec as spec
+from domain import forecast_model
 from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi import paging, queries
+from readapi.consistency import wait_for_token
 from readapi.context import answer, read_context
 from readapi.errors import NotFoundError, QueryValidationError
 
@@ -47,34 +48,10 @@ class ForecastItem(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     failure_reason: str | None
 
 
-class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
-    p10: list[float]
-    p50: list[float]
-    p90: list[float]
-
-
-class ForecastBands(msgspec.Struct, frozen=True, kw_only=True):
-    revenue: Percentiles
-    cash: Percentiles
-
-
-class ForecastResult(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """A completed forecast's result document (API.md), served as stored: every array has
-    one number per month, rounded to cents; ``bands`` are the Monte Carlo percentiles."""
-
-    months: list[spec.Month]
-    revenue: list[float]
-    costs: list[float]
-    net: list[float]
-    cash: list[float]
-    bands: ForecastBands
-    runway_month: spec.Month | None
-    probability_cash_negative: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-    paths: int
-
-
 # Stored JSON is served as is; the annotation gives it its documented shape.
-ResultJson = Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.ref(ForecastResult))]
+ResultJson = Annotated[
+    msgspec.Raw, msgspec.Meta(extra_json_schema=apidoc.ref(forecast_model.ForecastResult))
+]
 
 
 class ForecastDetail(ForecastItem, frozen=True, kw_only=True, rename="camel"):
@@ -149,6 +126,7 @@ async def get_forecasts(request: Request) -> Response:
         filters=_filters(request.query_params),
         allowed=frozenset({"scenarioId", "status"}),
     )
+    await wait_for_token(request, api, PROJECTION)
     found = await run_in_threadpool(list_forecasts, api.store, principal.tenant_id, page)
     body = ForecastPage(
         data=[ForecastItem(**_fields(row)) for row in found.rows],
@@ -161,6 +139,7 @@ async def get_forecasts(request: Request) -> Response:
 async def get_forecast(request: Request) -> Response:
     api, principal = await read_context(request)
     forecast_id = queries.resource_id(request, "forecast_id", "forecast")
+    await wait_for_token(request, api, PROJECTION)
     row, position = await run_in_threadpool(
         lambda: queries.one_of(
             api.store,
@@ -218,6 +197,6 @@ operations = [
         response=ForecastDetail,
         params=(apidoc.uuid_path("forecast_id", "The forecast's id."),),
         errors=(*apidoc.READ_ERRORS, 404),
-        schema_types=(ForecastResult,),
+        schema_types=(forecast_model.ForecastResult,),
     ),
 ]

@@ -16,6 +16,7 @@ from domain import scenario_spec as spec
 from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi import forecasts, paging, queries
+from readapi.consistency import wait_for_token
 from readapi.context import answer, read_context
 from readapi.errors import NotFoundError
 
@@ -111,6 +112,7 @@ def list_scenarios(
 async def get_scenarios(request: Request) -> Response:
     api, principal = await read_context(request)
     page = paging.page_request(request.query_params, principal.tenant_id, api.signer)
+    await wait_for_token(request, api, PROJECTION)
     found = await run_in_threadpool(list_scenarios, api.store, principal.tenant_id, page)
     body = ScenarioPage(
         data=[_item(row) for row in found.rows],
@@ -123,6 +125,7 @@ async def get_scenarios(request: Request) -> Response:
 async def get_scenario(request: Request) -> Response:
     api, principal = await read_context(request)
     scenario_id = queries.resource_id(request, "scenario_id", "scenario")
+    await wait_for_token(request, api, PROJECTION)
     row, position = await run_in_threadpool(
         lambda: queries.one_of(
             api.store,

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from infra import apidoc
 from infra.readstore import ReadStore, Row
+from readapi.consistency import wait_for_token
 from readapi.context import answer, position_sql, read_context
 from readapi.errors import QueryValidationError
 
@@ -48,6 +49,7 @@ async def get_usage(request: Request) -> Response:
     month = request.query_params.get("month") or api.clock().strftime("%Y-%m")
     if not _MONTH.match(month):
         raise QueryValidationError("`month` must be YYYY-MM")
+    await wait_for_token(request, api, PROJECTION)
     row = await run_in_threadpool(load_usage, api.store, principal.tenant_id, month)
     body = Usage(
         month=month,

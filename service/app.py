@@ -10,9 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commands import routes as write_routes
@@ -26,7 +23,7 @@ from infra.settings import Settings, cursor_key
 from readapi import dashboard, forecasts, scenarios, usage
 from readapi.context import ReadApi
 from readapi.paging import CursorSigner
-from service import errors, openapi, wiring
+from service import errors, health, openapi, shedding, wiring
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -58,10 +55,6 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-async def live(_: Request) -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")
-
-
 def create_app(
     settings: Settings,
     *,
@@ -89,7 +82,12 @@ def create_app(
         else:
             wiring.ensure_read_models(settings)
         store = ReadStore(settings)
-        read_api = ReadApi(store=store, signer=CursorSigner(cursor_key(settings)), clock=utc_now)
+        read_api = ReadApi(
+            store=store,
+            signer=CursorSigner(cursor_key(settings)),
+            clock=utc_now,
+            read_your_writes_timeout_s=settings.read_your_writes_timeout_s,
+        )
         # Also on app.state, for operators' tools and tests that wait on positions.
         app.state.projections = runner
         app.state.read_api = read_api
@@ -110,6 +108,9 @@ def create_app(
                 ),
                 "read_api": read_api,
                 "projections": runner,
+                "readiness": health.ReadinessProbe(
+                    settings, log, store, [p.name for p in wiring.projectors()]
+                ),
             }
         finally:
             store.close()
@@ -122,7 +123,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/health/live", live, methods=["GET"]),
+            *health.routes,
             openapi.route,
             *write_routes.routes,
             *scenarios.routes,
@@ -133,5 +134,8 @@ def create_app(
         exception_handlers=errors.handlers,
         lifespan=lifespan,
     )
+    # Added last runs first: the request id, then shedding before everything else, so
+    # a shed answer costs microseconds and still carries its request id.
+    app.add_middleware(shedding.LoadSheddingMiddleware, max_in_flight=settings.max_in_flight)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from commands import routes as write_routes
 from infra import apidoc
 from readapi import dashboard, forecasts, scenarios, usage
-from service import errors
+from service import errors, health
 
 TITLE = "AccuBooks planning core"
 _PATH_PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
@@ -55,6 +55,30 @@ SERVICE_OPERATIONS = [
         roles=(),
         status=200,
         response=Liveness,
+    ),
+    apidoc.Operation(
+        method="GET",
+        path="/health/ready",
+        summary="The service can serve: the database answers (else 503); degraded signals",
+        operation_id="getReadiness",
+        roles=(),
+        status=200,
+        response=health.Readiness,
+        errors=(503,),
+        response_headers=(
+            apidoc.Header(
+                name=health.STATUS_HEADER,
+                schema={"const": "degraded"},
+                description="Present while the service is degraded.",
+                required=False,
+            ),
+            apidoc.Header(
+                name=health.MESSAGE_HEADER,
+                schema={"type": "string"},
+                description="Why the service is degraded.",
+                required=False,
+            ),
+        ),
     ),
     apidoc.Operation(
         method="GET",

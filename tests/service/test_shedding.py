@@ -1,0 +1,149 @@
+"""Load shedding against a real uvicorn server, on both backends: requests beyond the bound
+in flight get an immediate 503 OVERLOADED envelope with Retry-After and their request id,
+health is never shed, and the bound frees up when the held requests finish."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx2
+import msgspec
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from infra.eventstore import EventLog
+from infra.settings import Settings
+from service.app import create_app
+from tests.conftest import Tenant, command_headers, scenario_body
+
+# Every wait here is bounded: a hung server fails the test instead of hanging the suite.
+DEADLINE_S = 30.0
+MAX_IN_FLIGHT = 2
+
+
+@contextmanager
+def serving(app: Starlette) -> Iterator[str]:
+    """A real uvicorn server for ``app`` on a free port, in a background thread."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped before it started"
+            assert time.monotonic() < deadline, "uvicorn did not start in time"
+            thread.join(timeout=0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=DEADLINE_S)
+        assert not thread.is_alive(), "uvicorn did not stop in time"
+
+
+@pytest.fixture
+def base_url(settings: Settings, event_log: EventLog) -> Iterator[str]:
+    limited = msgspec.structs.replace(settings, max_in_flight=MAX_IN_FLIGHT)
+    with serving(create_app(limited, event_log=event_log)) as url:
+        yield url
+
+
+def held_body(release: threading.Event) -> Iterator[bytes]:
+    """A JSON body sent in two chunks; the second only once ``release`` is set, so the
+    request stays in flight on the server until then."""
+    body = json.dumps(scenario_body()).encode()
+    yield body[:10]
+    assert release.wait(DEADLINE_S), "the held request was never released"
+    yield body[10:]
+
+
+def get(base_url: str, path: str, headers: dict[str, str] | None = None) -> httpx2.Response:
+    with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
+        return client.get(path, headers=headers or {})
+
+
+def wait_until_shed(base_url: str, headers: dict[str, str]) -> httpx2.Response:
+    """Reads until one is shed: the held requests have then reached the app."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        response = get(base_url, "/api/scenarios", headers)
+        if response.status_code == 503:
+            return response
+        assert response.status_code == 200, response.text
+        assert time.monotonic() < deadline, "the held requests never filled the bound"
+
+
+def test_requests_beyond_the_bound_are_shed_at_once_and_health_never_is(
+    base_url: str, tenant: Tenant
+) -> None:
+    read = {"Authorization": f"Bearer {tenant.reader}", "X-Request-Id": "shed-me-1"}
+    release = threading.Event()
+
+    def create() -> httpx2.Response:
+        with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
+            return client.post(
+                "/api/scenarios", content=held_body(release), headers=command_headers(tenant.writer)
+            )
+
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        held = [pool.submit(create) for _ in range(MAX_IN_FLIGHT)]
+        try:
+            shed = wait_until_shed(base_url, read)
+            live = get(base_url, "/health/live")
+            ready = get(base_url, "/health/ready")
+            started = time.monotonic()
+            again = get(base_url, "/api/scenarios", read)
+            shed_s = time.monotonic() - started
+        finally:
+            release.set()
+        created = [future.result(timeout=DEADLINE_S) for future in held]
+
+    assert shed.json() == {
+        "error": {
+            "code": "OVERLOADED",
+            "message": "The service is overloaded. Please try again later.",
+            "requestId": "shed-me-1",
+        }
+    }
+    assert shed.headers["Retry-After"] == "1"
+    assert shed.headers["X-Request-Id"] == "shed-me-1"
+    assert shed.headers["content-type"] == "application/json"
+    assert again.status_code == 503 and again.json()["error"]["code"] == "OVERLOADED"
+    assert shed_s < 5.0, "a shed request must not wait for a slot"
+    assert live.status_code == 200 and live.json() == {"status": "ok"}
+    assert ready.status_code == 200, ready.text
+    assert [r.status_code for r in created] == [201] * MAX_IN_FLIGHT
+    # The held requests finished: the bound is free again.
+    assert get(base_url, "/api/scenarios", read).status_code == 200
+
+
+def test_a_burst_is_answered_or_shed_never_failed(base_url: str, tenant: Tenant) -> None:
+    read = {"Authorization": f"Bearer {tenant.reader}"}
+    count = 40
+    barrier = threading.Barrier(count, timeout=DEADLINE_S)
+
+    def burst(index: int) -> httpx2.Response:
+        barrier.wait()
+        return get(base_url, "/health/live" if index % 4 == 0 else "/api/scenarios", read)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        responses = list(pool.map(burst, range(count), timeout=DEADLINE_S))
+
+    for index, response in enumerate(responses):
+        if index % 4 == 0:
+            assert response.status_code == 200, response.text
+        elif response.status_code == 503:
+            assert response.json()["error"]["code"] == "OVERLOADED"
+            assert response.headers["Retry-After"] == "1"
+            assert response.headers["X-Request-Id"]
+        else:
+            assert response.status_code == 200, response.text
