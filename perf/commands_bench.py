@@ -34,9 +34,8 @@ import httpx2 as httpx
 import msgspec
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
-REPORTS = ROOT / "perf" / "reports"
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from perf.harness import ADMIN_URL, REPORTS, ROOT, Deadline, git_head, postgres_database
+
 # A per-request timeout far above any healthy latency: a stuck request ends its worker.
 REQUEST_TIMEOUT_S = 10.0
 
@@ -58,19 +57,6 @@ SCENARIO_BODY = msgspec.json.encode(
 
 # One request on a client; answers the status code.
 Send = Callable[[httpx.Client], int]
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """The global time budget; every wait and loop in the run is bounded by it."""
-
-    at: float
-
-    def remaining(self) -> float:
-        return max(0.0, self.at - time.monotonic())
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self.at
 
 
 class Phase(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,21 +97,6 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # --- the services: a private database and the API process -------------------------------
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database perf_<random>, dropped (with its connections) afterwards."""
-    name = f"perf_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = psycopg.conninfo.conninfo_to_dict(admin_url)
-    params["dbname"] = name
-    try:
-        yield psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
-    finally:
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def cli_json(cli: Path, args: list[str], env: dict[str, str], deadline: Deadline) -> Any:
@@ -362,18 +333,6 @@ def get_live(client: httpx.Client) -> int:
 # --- the report ---------------------------------------------------------------------------
 
 
-def _git_head() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-        return done.stdout.strip()
-
-    return git("rev-parse", "HEAD") + (
-        " (uncommitted changes)" if git("status", "--porcelain") else ""
-    )
-
-
 def machine_facts(admin_url: str) -> Machine:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("SHOW server_version").fetchone()
@@ -384,7 +343,7 @@ def machine_facts(admin_url: str) -> Machine:
         postgres=str(row[0]) if row else "?",
         httpx2=httpx.__version__,
         date=datetime.now(UTC).isoformat(timespec="seconds"),
-        git_head=_git_head(),
+        git_head=git_head(),
     )
 
 

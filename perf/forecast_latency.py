@@ -31,14 +31,8 @@ import redis
 
 from domain import forecast_model
 from domain import scenario_spec as spec
-from perf.projection_bench import (
-    ADMIN_URL,
-    REPORTS,
-    Deadline,
-    _git_head,
-    accubooks,
-    postgres_database,
-)
+from perf.harness import ADMIN_URL, REPORTS, Deadline, git_head, postgres_database
+from perf.projection_bench import accubooks
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -176,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         nproc=os.cpu_count() or 0,
         load_average=round(os.getloadavg()[0], 2),
         date=datetime.now(UTC).isoformat(timespec="seconds"),
-        git_head=_git_head(),
+        git_head=git_head(),
     )
     rows = "\n".join(f"| {k} | {v} |" for k, v in msgspec.structs.asdict(report).items())
     markdown = (

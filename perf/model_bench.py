@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -34,9 +33,8 @@ import numpy as np
 
 from domain import forecast_model as fm
 from domain import scenario_spec as spec
+from perf.harness import REPORTS, git_head
 
-ROOT = Path(__file__).resolve().parents[1]
-REPORTS = ROOT / "perf" / "reports"
 FORECAST_ID = uuid.UUID("5b0c1f9e-8a7d-4c3b-9e21-6f4d2a8c7e10")
 BASELINE = spec.Baseline(
     start_month="2026-01",
@@ -81,18 +79,6 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     largest_over_smallest_per_path: float
 
 
-def _git_head() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-        return done.stdout.strip()
-
-    return git("rev-parse", "HEAD") + (
-        " (uncommitted changes)" if git("status", "--porcelain") else ""
-    )
-
-
 def machine_facts() -> Machine:
     return Machine(
         nproc=len(os.sched_getaffinity(0)),
@@ -101,7 +87,7 @@ def machine_facts() -> Machine:
         numpy=np.__version__,
         openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
         date=datetime.now(UTC).isoformat(timespec="seconds"),
-        git_head=_git_head(),
+        git_head=git_head(),
     )
 
 

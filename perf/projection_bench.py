@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
 import httpx2 as httpx
@@ -46,13 +45,11 @@ from domain.scenario import Scenario
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
+from perf.harness import ADMIN_URL, REPORTS, ROOT, Deadline, git_head, postgres_database
 from projections.readmodel import Projector
 from projections.runner import ProjectionRunner
 from service import wiring
 
-ROOT = Path(__file__).resolve().parents[1]
-REPORTS = ROOT / "perf" / "reports"
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PAGE = 500  # the runner's batch size, and the baseline's page
 SAVE_AGGREGATES = 100  # aggregates per save() when writing the log in bulk
 # The longest one command may take to become readable before it counts as not seen.
@@ -86,19 +83,6 @@ ASSUMPTIONS = [
         {"type": "CUSTOM", "revenuePercent": 1, "costPercent": 2, "oneOffCash": "1000"},
     )
 ]
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """The global time budget; every wait and loop of the run is bounded by it."""
-
-    at: float
-
-    def remaining(self) -> float:
-        return max(0.0, self.at - time.monotonic())
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self.at
 
 
 class Throughput(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,21 +145,6 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # --- the database and the log ---------------------------------------------------------------
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database perf_<random>, dropped (with its connections) afterwards."""
-    name = f"perf_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = psycopg.conninfo.conninfo_to_dict(admin_url)
-    params["dbname"] = name
-    try:
-        yield psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
-    finally:
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def write_bulk(log: EventLog, events: int, deadline: Deadline) -> Throughput:
@@ -466,18 +435,6 @@ def _percentile_ms(ordered: list[float], q: float) -> float:
 # --- the report ---------------------------------------------------------------------------
 
 
-def _git_head() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        )
-        return done.stdout.strip()
-
-    return git("rev-parse", "HEAD") + (
-        " (uncommitted changes)" if git("status", "--porcelain") else ""
-    )
-
-
 def _postgres_version(admin_url: str) -> str:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("SHOW server_version").fetchone()
@@ -626,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             python=platform.python_version(),
             postgres=_postgres_version(args.admin_url),
             date=date,
-            git_head=_git_head(),
+            git_head=git_head(),
         ),
         bulk_write=bulk,
         baseline=baseline,
