@@ -1,15 +1,20 @@
-"""The real services tests use: a private PostgreSQL database per test session, dropped
-afterwards. A service that is down skips its tests locally and fails them under CI=true."""
+"""The real services tests use: a private PostgreSQL database per test, dropped
+afterwards, and a real uvicorn server for an app. A service that is down skips its tests
+locally and fails them under CI=true."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 import pytest
+import uvicorn
+from starlette.types import ASGIApp
 
 ADMIN_URL = os.environ.get(
     "ACCUBOOKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -40,3 +45,30 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# A hung server fails the test instead of hanging the suite.
+SERVER_DEADLINE_S = 30.0
+
+
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """A real uvicorn server for ``app`` on a free port, in a background thread; its URL."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + SERVER_DEADLINE_S
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped before it started"
+            assert time.monotonic() < deadline, "uvicorn did not start in time"
+            thread.join(timeout=0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=SERVER_DEADLINE_S)
+        assert not thread.is_alive(), "uvicorn did not stop in time"

@@ -5,7 +5,6 @@ without If-Match never lose an update."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,6 @@ from typing import Any, TypeVar
 
 import httpx2
 import pytest
-import uvicorn
 from eventsourcing.persistence import Notification
 
 from domain.scenario import Scenario
@@ -22,6 +20,7 @@ from infra.eventstore import EventLog
 from infra.settings import Settings
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, scenario_body
+from tests.services import serving
 
 T = TypeVar("T")
 
@@ -35,25 +34,8 @@ REQUEST_TIMEOUT_S = 20.0
 def base_url(settings: Settings, event_log: EventLog) -> Iterator[str]:
     """A real uvicorn server with default settings on a free port, sharing the test's
     event log, so requests run truly in parallel (own connections, the server's pool)."""
-    app = create_app(settings, event_log=event_log)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped before it started"
-            assert time.monotonic() < deadline, "uvicorn did not start in time"
-            thread.join(timeout=0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=DEADLINE_S)
-        assert not thread.is_alive(), "uvicorn did not stop in time"
+    with serving(create_app(settings, event_log=event_log)) as url:
+        yield url
 
 
 def all_at_once(count: int, call: Callable[[int], T]) -> list[T]:

@@ -9,45 +9,20 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx2
 import msgspec
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 
 from infra.eventstore import EventLog
 from infra.settings import Settings
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, scenario_body
+from tests.services import serving
 
 # Every wait here is bounded: a hung server fails the test instead of hanging the suite.
 DEADLINE_S = 30.0
 MAX_IN_FLIGHT = 2
-
-
-@contextmanager
-def serving(app: Starlette) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free port, in a background thread."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped before it started"
-            assert time.monotonic() < deadline, "uvicorn did not start in time"
-            thread.join(timeout=0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=DEADLINE_S)
-        assert not thread.is_alive(), "uvicorn did not stop in time"
 
 
 @pytest.fixture
