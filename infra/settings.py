@@ -66,11 +66,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     db_pool_timeout_s: PositiveSeconds = 5.0
     db_lock_timeout_s: PositiveSeconds = 5.0
 
+    # Read-model queries: the server cancels a statement over this (statement_timeout)
+    # and the client stops waiting for it; the read answers 503 OPERATION_TIMEOUT.
+    db_statement_timeout_s: PositiveSeconds = 5.0
+
+    # Read cache: Redis at REDIS_URL (may evict: give it a maxmemory policy), else an
+    # in-process cache when the projections run in the same process (`serve`).
+    cache_enabled: bool = True
+    cache_prefix: str = "accubooks:"
+    cache_ttl_dashboard_s: PositiveSeconds = 300.0
+    cache_ttl_forecasts_s: PositiveSeconds = 900.0
+    cache_ttl_usage_s: PositiveSeconds = 60.0
+    cache_ttl_scenarios_s: PositiveSeconds = 60.0
+    # Entries of the in-process cache (least recently used go first).
+    cache_local_entries: PositiveInt = 10_000
+    # Budget of one Redis call (connect, send, answer); no retries.
+    redis_timeout_s: PositiveSeconds = 1.0
+    # Consecutive Redis failures that open the circuit breaker, and how long it stays
+    # open before one call tries Redis again.
+    redis_breaker_failures: PositiveInt = 3
+    redis_breaker_open_s: PositiveSeconds = 2.0
+
     # Readiness (/health/ready). Its database checks share one deadline, so a hung
     # database answers 503 within it instead of holding the poller.
     health_timeout_s: PositiveSeconds = 2.0
     # Events the slowest read model may trail the log by before the service is degraded.
     max_projection_lag_events: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    # How often an API process re-runs those checks in the background, so that every
+    # response carries X-Service-Status while the service is degraded.
+    status_refresh_s: PositiveSeconds = 2.0
 
 
 # Environment variable names; the service addresses keep their conventional names.

@@ -1,0 +1,16 @@
+"""The process's Prometheus metrics. Defined here, at the bottom of the layers that count
+(infra), so the read API, the cache and the service middleware all count into the same
+series. With several API processes, prometheus_client's multi-process mode (the
+PROMETHEUS_MULTIPROC_DIR environment variable, set before the process starts) keeps
+each process's values in shared files that /metrics adds up."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+# Read-cache lookups by outcome: hit, miss, error (Redis failed or the breaker is open).
+CACHE = Counter("accubooks_cache_requests", "Read-cache lookups by outcome", ["result"])
+# Requests answered 503 OVERLOADED by load shedding.
+SHED = Counter("accubooks_shed_requests", "Requests shed (503 OVERLOADED)")
+# Operations over their budget, by operation (503 OPERATION_TIMEOUT, Redis calls).
+TIMEOUTS = Counter("accubooks_timeouts", "Operations over their time budget", ["operation"])
