@@ -68,3 +68,10 @@ class RecordConflictError(InfraError):
     nothing of the save was written."""
 
     code = "RECORD_CONFLICT"
+
+
+class OperationTimeoutError(InfraError):
+    """Raised when a database statement runs over its budget (cancelled by the server,
+    or abandoned by the client when the server does not answer)."""
+
+    code = "OPERATION_TIMEOUT"

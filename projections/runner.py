@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from infra import coordination
+from infra.cache import Invalidator
 from infra.errors import InfraError
 from infra.eventstore import EventLog
 from infra.settings import Settings
@@ -34,8 +35,10 @@ class ProjectionWorker:
         *,
         batch_size: int = 500,
         wakeup_s: float = 1.0,
+        invalidator: Invalidator | None = None,
     ) -> None:
         self.name = projector.name
+        self._invalidator = invalidator
         self._settings = settings
         self._log = log
         self._projector = projector
@@ -102,6 +105,8 @@ class ProjectionWorker:
             self._advance(self.model.position())
             while not self._stop.is_set():
                 if not self._catch_up():
+                    if self._invalidator is not None:
+                        self._invalidator.flush()  # a postponed invalidation, if any
                     waiter.wait(self._wakeup_s)
         finally:
             waiter.close()
@@ -122,6 +127,10 @@ class ProjectionWorker:
             # Another worker applied this range (a lock lost and retaken): resync.
             self._advance(self.model.position())
             return True
+        if self._invalidator is not None:
+            # Committed: the cached answers of the tenants this batch touched are stale.
+            tenants = {t for event, _ in events if (t := getattr(event, "tenant_id", None))}
+            self._invalidator.committed(self.name, tenants)
         self._advance(last)
         return True
 
@@ -142,9 +151,17 @@ class ProjectionRunner:
         *,
         batch_size: int = 500,
         wakeup_s: float = 1.0,
+        invalidator: Invalidator | None = None,
     ) -> None:
         self.workers = {
-            p.name: ProjectionWorker(settings, log, p, batch_size=batch_size, wakeup_s=wakeup_s)
+            p.name: ProjectionWorker(
+                settings,
+                log,
+                p,
+                batch_size=batch_size,
+                wakeup_s=wakeup_s,
+                invalidator=invalidator,
+            )
             for p in projectors
         }
 

@@ -4,21 +4,18 @@ state) and how it answers: msgspec-encoded JSON with the projection position it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
 
 from infra import auth
 from infra.readstore import ReadStore
+from readapi.cache import ReadCache
 from readapi.paging import CursorSigner
 
 POSITION_HEADER = "X-Projection-Position"
 UPSTREAM = "accubooks"
-
-_encoder = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
@@ -28,6 +25,8 @@ class ReadApi:
     clock: Callable[[], datetime]
     # Longest a read waits for its X-Consistency-Token (readapi.consistency).
     read_your_writes_timeout_s: float = 2.0
+    # No cache unless the composition root gives one (readapi.cache).
+    cache: ReadCache = field(default_factory=lambda: ReadCache(None, prefix="", ttls={}))
 
 
 async def read_context(request: Request) -> tuple[ReadApi, auth.Principal]:
@@ -42,12 +41,4 @@ def position_sql(store: ReadStore, projection: str) -> str:
     return (
         f"(SELECT notification_id FROM {store.tracking_table(projection)}"
         f" WHERE application_name = '{UPSTREAM}')"
-    )
-
-
-def answer(body: msgspec.Struct, position: int | None) -> Response:
-    return Response(
-        _encoder.encode(body),
-        media_type="application/json",
-        headers={POSITION_HEADER: str(position or 0)},
     )

@@ -6,16 +6,15 @@ import json
 from uuid import UUID
 
 import msgspec
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from infra import apidoc
 from infra.readstore import ReadStore, Row
-from readapi.consistency import wait_for_token
-from readapi.context import answer, position_sql, read_context
+from readapi.context import position_sql, read_context
 from readapi.errors import QueryValidationError
+from readapi.serving import serve
 
 PROJECTION = "dashboard"
 
@@ -77,9 +76,20 @@ async def get_dashboard(request: Request) -> Response:
     api, principal = await read_context(request)
     if request.query_params:
         raise QueryValidationError("the dashboard takes no query parameters")
-    await wait_for_token(request, api, PROJECTION)
-    row = await run_in_threadpool(load_dashboard, api.store, principal.tenant_id)
-    return answer(dashboard_of(row), row["position"])
+
+    def load() -> tuple[Dashboard, int | None]:
+        row = load_dashboard(api.store, principal.tenant_id)
+        return dashboard_of(row), row["position"]
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getDashboard",
+        key=("dashboard",),
+        load=load,
+    )
 
 
 routes = [Route("/api/dashboard", get_dashboard, methods=["GET"])]

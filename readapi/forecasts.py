@@ -8,7 +8,6 @@ from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
 import msgspec
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -17,9 +16,9 @@ from domain import forecast_model
 from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi import paging, queries
-from readapi.consistency import wait_for_token
-from readapi.context import answer, read_context
+from readapi.context import read_context
 from readapi.errors import NotFoundError, QueryValidationError
+from readapi.serving import serve
 
 PROJECTION = "forecasts"
 STATUSES: Final = ("queued", "running", "completed", "failed")
@@ -126,22 +125,33 @@ async def get_forecasts(request: Request) -> Response:
         filters=_filters(request.query_params),
         allowed=frozenset({"scenarioId", "status"}),
     )
-    await wait_for_token(request, api, PROJECTION)
-    found = await run_in_threadpool(list_forecasts, api.store, principal.tenant_id, page)
-    body = ForecastPage(
-        data=[ForecastItem(**_fields(row)) for row in found.rows],
-        pagination=paging.pagination(page, found.total),
-        next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
+
+    def load() -> tuple[ForecastPage, int | None]:
+        found = list_forecasts(api.store, principal.tenant_id, page)
+        body = ForecastPage(
+            data=[ForecastItem(**_fields(row)) for row in found.rows],
+            pagination=paging.pagination(page, found.total),
+            next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
+        )
+        return body, found.position
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getForecasts",
+        key=("forecasts", *queries.query_key(request)),
+        load=load,
     )
-    return answer(body, found.position)
 
 
 async def get_forecast(request: Request) -> Response:
     api, principal = await read_context(request)
     forecast_id = queries.resource_id(request, "forecast_id", "forecast")
-    await wait_for_token(request, api, PROJECTION)
-    row, position = await run_in_threadpool(
-        lambda: queries.one_of(
+
+    def load() -> tuple[ForecastDetail, int | None]:
+        row, position = queries.one_of(
             api.store,
             PROJECTION,
             table="forecasts_rows",
@@ -149,11 +159,20 @@ async def get_forecast(request: Request) -> Response:
             tenant_id=principal.tenant_id,
             row_id=forecast_id,
         )
+        if row is None:
+            raise NotFoundError(f"forecast {forecast_id} not found")
+        result = msgspec.Raw(row["result"].encode()) if row["result"] else None
+        return ForecastDetail(**_fields(row), result=result), position
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getForecast",
+        key=("forecast", forecast_id),
+        load=load,
     )
-    if row is None:
-        raise NotFoundError(f"forecast {forecast_id} not found")
-    result = msgspec.Raw(row["result"].encode()) if row["result"] else None
-    return answer(ForecastDetail(**_fields(row), result=result), position)
 
 
 routes = [

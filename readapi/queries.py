@@ -84,6 +84,11 @@ def resource_id(request: Request, param: str, noun: str) -> str:
         raise NotFoundError(f"{noun} {raw} not found") from None
 
 
+def query_key(request: Request) -> tuple[str, ...]:
+    """The request's query parameters as a cache key's parts (order-independent)."""
+    return tuple(f"{k}={v}" for k, v in sorted(request.query_params.multi_items()))
+
+
 def next_cursor(
     signer: paging.CursorSigner, tenant_id: UUID, request: paging.PageRequest, page: PageOfRows
 ) -> str | None:

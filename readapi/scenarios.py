@@ -7,7 +7,6 @@ from typing import Annotated
 from uuid import UUID
 
 import msgspec
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,9 +15,9 @@ from domain import scenario_spec as spec
 from infra import apidoc
 from infra.readstore import ReadStore, Row
 from readapi import forecasts, paging, queries
-from readapi.consistency import wait_for_token
-from readapi.context import answer, read_context
+from readapi.context import read_context
 from readapi.errors import NotFoundError
+from readapi.serving import serve
 
 PROJECTION = "scenarios"
 _COLUMNS = (
@@ -112,22 +111,33 @@ def list_scenarios(
 async def get_scenarios(request: Request) -> Response:
     api, principal = await read_context(request)
     page = paging.page_request(request.query_params, principal.tenant_id, api.signer)
-    await wait_for_token(request, api, PROJECTION)
-    found = await run_in_threadpool(list_scenarios, api.store, principal.tenant_id, page)
-    body = ScenarioPage(
-        data=[_item(row) for row in found.rows],
-        pagination=paging.pagination(page, found.total),
-        next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
+
+    def load() -> tuple[ScenarioPage, int | None]:
+        found = list_scenarios(api.store, principal.tenant_id, page)
+        body = ScenarioPage(
+            data=[_item(row) for row in found.rows],
+            pagination=paging.pagination(page, found.total),
+            next_cursor=queries.next_cursor(api.signer, principal.tenant_id, page, found),
+        )
+        return body, found.position
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getScenarios",
+        key=("scenarios", *queries.query_key(request)),
+        load=load,
     )
-    return answer(body, found.position)
 
 
 async def get_scenario(request: Request) -> Response:
     api, principal = await read_context(request)
     scenario_id = queries.resource_id(request, "scenario_id", "scenario")
-    await wait_for_token(request, api, PROJECTION)
-    row, position = await run_in_threadpool(
-        lambda: queries.one_of(
+
+    def load() -> tuple[ScenarioDetail, int | None]:
+        row, position = queries.one_of(
             api.store,
             PROJECTION,
             table="scenarios_rows",
@@ -135,15 +145,24 @@ async def get_scenario(request: Request) -> Response:
             tenant_id=principal.tenant_id,
             row_id=scenario_id,
         )
+        if row is None:
+            raise NotFoundError(f"scenario {scenario_id} not found")
+        item = _item(row)
+        detail = ScenarioDetail(
+            **{f: getattr(item, f) for f in item.__struct_fields__},
+            latest_forecasts=msgspec.Raw(row["latest_forecasts"].encode()),
+        )
+        return detail, position
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getScenario",
+        key=("scenario", scenario_id),
+        load=load,
     )
-    if row is None:
-        raise NotFoundError(f"scenario {scenario_id} not found")
-    item = _item(row)
-    detail = ScenarioDetail(
-        **{f: getattr(item, f) for f in item.__struct_fields__},
-        latest_forecasts=msgspec.Raw(row["latest_forecasts"].encode()),
-    )
-    return answer(detail, position)
 
 
 routes = [

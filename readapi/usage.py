@@ -6,16 +6,15 @@ import re
 from uuid import UUID
 
 import msgspec
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from infra import apidoc
 from infra.readstore import ReadStore, Row
-from readapi.consistency import wait_for_token
-from readapi.context import answer, position_sql, read_context
+from readapi.context import position_sql, read_context
 from readapi.errors import QueryValidationError
+from readapi.serving import serve
 
 PROJECTION = "usage"
 _MONTH = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
@@ -49,18 +48,29 @@ async def get_usage(request: Request) -> Response:
     month = request.query_params.get("month") or api.clock().strftime("%Y-%m")
     if not _MONTH.match(month):
         raise QueryValidationError("`month` must be YYYY-MM")
-    await wait_for_token(request, api, PROJECTION)
-    row = await run_in_threadpool(load_usage, api.store, principal.tenant_id, month)
-    body = Usage(
-        month=month,
-        scenarios_created=int(row["scenarios_created"] or 0),
-        forecasts_requested=int(row["forecasts_requested"] or 0),
-        forecasts_completed=int(row["forecasts_completed"] or 0),
-        compute_seconds=round(float(row["compute_seconds"] or 0.0), 3),
-        commands_accepted=int(row["commands_accepted"] or 0),
-        events_appended=int(row["events_appended"] or 0),
+
+    def load() -> tuple[Usage, int | None]:
+        row = load_usage(api.store, principal.tenant_id, month)
+        body = Usage(
+            month=month,
+            scenarios_created=int(row["scenarios_created"] or 0),
+            forecasts_requested=int(row["forecasts_requested"] or 0),
+            forecasts_completed=int(row["forecasts_completed"] or 0),
+            compute_seconds=round(float(row["compute_seconds"] or 0.0), 3),
+            commands_accepted=int(row["commands_accepted"] or 0),
+            events_appended=int(row["events_appended"] or 0),
+        )
+        return body, row["position"]
+
+    return await serve(
+        request,
+        api,
+        principal.tenant_id,
+        projection=PROJECTION,
+        operation="getUsage",
+        key=("usage", month),
+        load=load,
     )
-    return answer(body, row["position"])
 
 
 routes = [Route("/api/usage", get_usage, methods=["GET"])]

@@ -14,6 +14,7 @@ from commands.context import QueueLimits
 from commands.forecast_jobs import JobDeps, declare_actor
 from infra import broker as jobs
 from infra import killable
+from infra.cache import Invalidator, LocalCache, RedisCache, open_cache
 from infra.clock import utc_now
 from infra.eventstore import EventLog
 from infra.readstore import ReadStore
@@ -45,8 +46,14 @@ def projectors(broker: dramatiq.Broker | None = None) -> list[Projector]:
 
 
 def projection_runner(
-    settings: Settings, log: EventLog, broker: dramatiq.Broker | None = None
+    settings: Settings,
+    log: EventLog,
+    broker: dramatiq.Broker | None = None,
+    cache: RedisCache | LocalCache | None = None,
 ) -> ProjectionRunner:
+    """The read models' workers. They invalidate ``cache``, or with none given the
+    deployment's Redis cache if REDIS_URL is set (a separate projection process)."""
+    cache = cache or open_cache(settings, in_process=False)
     return ProjectionRunner(
         settings,
         log,
@@ -55,7 +62,18 @@ def projection_runner(
         wakeup_s=(
             settings.projection_wakeup_s if settings.database_url else settings.projection_poll_s
         ),
+        invalidator=Invalidator(cache, settings.cache_prefix) if cache else None,
     )
+
+
+def cache_ttls(settings: Settings) -> dict[str, float]:
+    """How long a cached answer of each read model may be served (invalidation aside)."""
+    return {
+        "dashboard": settings.cache_ttl_dashboard_s,
+        "forecasts": settings.cache_ttl_forecasts_s,
+        "usage": settings.cache_ttl_usage_s,
+        "scenarios": settings.cache_ttl_scenarios_s,
+    }
 
 
 def ensure_read_models(settings: Settings) -> None:

@@ -156,7 +156,9 @@ def test_without_the_header_nothing_changes(
 def test_the_token_costs_one_cheap_statement_when_already_reached(
     settings: Settings, event_log: EventLog, tenant: Tenant
 ) -> None:
-    app = create_app(settings, event_log=event_log, run_projections=True, run_jobs=False)
+    # Uncached, so every read reaches the database (the cache spares even these).
+    uncached = msgspec.structs.replace(settings, cache_enabled=False)
+    app = create_app(uncached, event_log=event_log, run_projections=True, run_jobs=False)
     with TestClient(app) as live:
         scenario_id, forecast_id, token = write_scenario_and_forecast(live, tenant)
         assert live.app.state.projections.wait_for(int(token), 10.0)  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
+import msgspec
 import pytest
 from starlette.testclient import TestClient
 
@@ -29,6 +30,15 @@ def live(settings: Settings, event_log: EventLog) -> Iterator[TestClient]:
     """The embedded process: API and projection workers together (no job workers, so
     forecasts stay queued and reads are deterministic)."""
     app = create_app(settings, event_log=event_log, run_projections=True, run_jobs=False)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def uncached_live(settings: Settings, event_log: EventLog) -> Iterator[TestClient]:
+    """The embedded process without its read cache: every read reaches the database."""
+    uncached = msgspec.structs.replace(settings, cache_enabled=False)
+    app = create_app(uncached, event_log=event_log, run_projections=True, run_jobs=False)
     with TestClient(app) as client:
         yield client
 
@@ -274,9 +284,10 @@ def test_reads_need_a_key(live: TestClient) -> None:
 
 
 def test_every_read_is_one_statement_for_a_large_tenant(
-    live: TestClient, tenant: Tenant, event_log: EventLog
+    uncached_live: TestClient, tenant: Tenant, event_log: EventLog
 ) -> None:
     """1,000 scenarios and 3,000 forecasts, arranged through the log and the runner."""
+    live = uncached_live
     actor = Actor(tenant_id=tenant.tenant_id, actor_id="bulk", request_id="bulk")
     at = datetime.now(UTC)
     baseline = Baseline(
