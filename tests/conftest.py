@@ -31,6 +31,13 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setting
 
 
 @pytest.fixture
+def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
+    """For the tests that need PostgreSQL itself (its locks, its processes)."""
+    with postgres_database() as url:
+        yield Settings(database_url=url, data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture
 def event_log(settings: Settings) -> Iterator[EventLog]:
     log = open_event_log(settings)
     yield log

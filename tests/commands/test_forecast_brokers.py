@@ -41,7 +41,7 @@ from infra.settings import Settings
 from service import wiring
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, make_tenant, scenario_body
-from tests.services import postgres_database, unavailable
+from tests.services import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 # The bound of every single wait (a process starting, a job completing, a server
@@ -55,12 +55,6 @@ PROJECTIONS = [projector.name for projector in wiring.projectors()] + ["dispatch
 
 
 # --- services -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
-    with postgres_database() as url:
-        yield Settings(database_url=url, data_dir=str(tmp_path / "data"))
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import pytest
 
 from commands import forecasts, messages, scenarios, tenants
 from commands.context import Collaborators, CommandContext
@@ -550,12 +549,6 @@ def at_once(count: int, call: Callable[[], Any]) -> list[str | None]:
 
 
 # --- the tests ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
-    with postgres_database() as url:
-        yield Settings(database_url=url, data_dir=str(tmp_path / "data"))
 
 
 WRITERS = 8
