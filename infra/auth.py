@@ -104,4 +104,7 @@ async def principal_of(request: Request) -> Principal:
     principal = authenticator.cached(header)
     if principal is None:
         principal = await run_in_threadpool(authenticator.authenticate, header)
+    # For the access log: who made the request, by ids only (never the key itself).
+    request.state.tenant_id = principal.tenant_id
+    request.state.key_id = principal.key_id
     return principal

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -80,6 +81,22 @@ class EventLog(Application[UUID]):
             return self.recorder.max_notification_id() or 0
         except (OperationalError, InterfaceError) as e:
             raise errors.StoreUnavailableError("the event store is unavailable") from e
+
+    def occurred_after(self, position: int) -> datetime | None:
+        """When the first event after ``position`` happened (its timestamp); None when the
+        log has nothing after it. One indexed read of one row: positions may have gaps
+        (PostgreSQL sequences), so it asks for the next one rather than ``position + 1``."""
+        try:
+            found = self.recorder.select_notifications(
+                start=position, limit=1, inclusive_of_start=False
+            )
+        except (OperationalError, InterfaceError) as e:
+            raise errors.StoreUnavailableError("the event store is unavailable") from e
+        if not found:
+            return None
+        # Every event class of the log derives from the library's DomainEvent, which has it.
+        timestamp = getattr(self.mapper.to_domain_event(found[0]), "timestamp", None)
+        return timestamp if isinstance(timestamp, datetime) else None
 
 
 def library_env(settings: Settings) -> dict[str, str]:

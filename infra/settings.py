@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -39,6 +39,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Longest a read sent with X-Consistency-Token waits for the read models to reach it
     # (then 503 OPERATION_TIMEOUT, operation read_your_writes).
     read_your_writes_timeout_s: PositiveSeconds = 2.0
+    # API processes log JSON lines from this level on; INFO includes one access line per
+    # request, WARNING leaves only problems.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Projections.
     projection_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500

@@ -3,6 +3,7 @@ collaborators into the app state, mounts the routes and the error handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -16,14 +17,18 @@ from commands import routes as write_routes
 from commands.context import Collaborators
 from infra.auth import Authenticator
 from infra.broker import open_broker
+from infra.cache import open_cache
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.readstore import ReadStore
 from infra.settings import Settings, cursor_key
 from readapi import dashboard, forecasts, scenarios, usage
+from readapi.cache import ReadCache
 from readapi.context import ReadApi
 from readapi.paging import CursorSigner
-from service import errors, health, openapi, shedding, wiring
+from service import errors, health, logs, metrics, openapi, shedding, wiring
+from service.status import STATE_KEY as STATUS_STATE_KEY
+from service.status import DegradedHeadersMiddleware, ServiceStatus
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -73,11 +78,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log = event_log or open_event_log(settings)
         workers = runner = None
+        # Redis when REDIS_URL is set; else in-process, if the projections run here.
+        cache = open_cache(settings, in_process=run_projections)
         if run_projections:
             if run_jobs:
                 workers = wiring.job_workers(settings, log, open_broker(settings))
                 workers.start()
-            runner = wiring.projection_runner(settings, log, workers.broker if workers else None)
+            runner = wiring.projection_runner(
+                settings, log, workers.broker if workers else None, cache
+            )
             runner.start()
         else:
             wiring.ensure_read_models(settings)
@@ -87,10 +96,18 @@ def create_app(
             signer=CursorSigner(cursor_key(settings)),
             clock=utc_now,
             read_your_writes_timeout_s=settings.read_your_writes_timeout_s,
+            cache=ReadCache(cache, prefix=settings.cache_prefix, ttls=wiring.cache_ttls(settings)),
         )
         # Also on app.state, for operators' tools and tests that wait on positions.
         app.state.projections = runner
         app.state.read_api = read_api
+        status = ServiceStatus(read_api.cache)
+        readiness = health.ReadinessProbe(
+            settings, log, store, [p.name for p in wiring.projectors()], cache=read_api.cache
+        )
+        refresher = asyncio.create_task(
+            status.refresh_forever(readiness.degraded_reasons, settings.status_refresh_s)
+        )
         deps = Collaborators(
             log=log,
             clock=utc_now,
@@ -108,22 +125,26 @@ def create_app(
                 ),
                 "read_api": read_api,
                 "projections": runner,
-                "readiness": health.ReadinessProbe(
-                    settings, log, store, [p.name for p in wiring.projectors()]
-                ),
+                "readiness": readiness,
+                STATUS_STATE_KEY: status,
             }
         finally:
+            refresher.cancel()
+            await readiness.settle()
             store.close()
             if runner is not None:
                 runner.stop()
             if workers is not None:
                 workers.stop()
+            # After the workers: they invalidate through it until they stop.
+            await read_api.cache.aclose()
             if event_log is None:
                 log.close()
 
     app = Starlette(
         routes=[
             *health.routes,
+            metrics.route,
             openapi.route,
             *write_routes.routes,
             *scenarios.routes,
@@ -134,8 +155,13 @@ def create_app(
         exception_handlers=errors.handlers,
         lifespan=lifespan,
     )
-    # Added last runs first: the request id, then shedding before everything else, so
-    # a shed answer costs microseconds and still carries its request id.
+    # Added last runs first: the request id, then the access log and the request metrics
+    # (so shed requests are timed and logged too), then shedding before everything else,
+    # so a shed answer costs microseconds and still carries its request id.
     app.add_middleware(shedding.LoadSheddingMiddleware, max_in_flight=settings.max_in_flight)
+    # Every answer, shed ones included, says whether the service is degraded.
+    app.add_middleware(DegradedHeadersMiddleware)
+    app.add_middleware(metrics.RequestMetricsMiddleware)
+    app.add_middleware(logs.AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

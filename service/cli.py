@@ -28,7 +28,7 @@ from infra.broker import open_broker
 from infra.clock import utc_now
 from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
-from service import wiring
+from service import logs, wiring
 from service.app import create_app
 
 
@@ -94,7 +94,17 @@ def _operator_command(args: argparse.Namespace, log: EventLog) -> None:
 
 async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -> None:
     app = create_app(settings, run_projections=args.command == "serve")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+    # No logging setup of uvicorn's own: its loggers then write through ours (JSON lines),
+    # and the access log is ours (route templates, request and tenant ids).
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
@@ -160,10 +170,11 @@ def _work(args: argparse.Namespace, settings: settings_module.Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_module.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command in ("serve", "api"):
+        logs.configure_logging(settings.log_level)
         asyncio.run(_serve(args, settings))
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "project":
         return _project(args, settings)
     if args.command == "worker":

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from commands.errors import CommandError
 from domain.errors import DomainError
+from infra import metrics
 from infra.errors import InfraError
 from readapi.errors import ReadError
 
@@ -67,6 +68,9 @@ def error_response(
     status: int | None = None,
 ) -> Response:
     status = status or STATUS_BY_CODE.get(code, 500)
+    if code == "OPERATION_TIMEOUT":
+        # Counted where the answer is made, so that every timeout answered is counted once.
+        metrics.TIMEOUTS.labels(operation=operation or "unknown").inc()
     request_id = getattr(request.state, "request_id", None)
     body = ErrorEnvelope(
         ErrorDetail(
@@ -108,7 +112,14 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The same request id as the access log line and the answer, so one search finds all.
+    logger.error(
+        "unhandled error on %s %s",
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={"request_id": getattr(request.state, "request_id", None)},
+    )
     return error_response(request, "INTERNAL_ERROR", "internal error", status=500)
 
 

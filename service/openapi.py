@@ -45,6 +45,14 @@ Liveness = Annotated[
 OpenApiDocument = Annotated[
     msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object", "description": "This document."})
 ]
+MetricsText = Annotated[
+    str,
+    msgspec.Meta(
+        description="Prometheus text exposition format: request durations, cache, shedding "
+        "and timeout counters (all API processes in multi-process mode), projection lag and "
+        "forecast queue depth (measured at scrape time)."
+    ),
+]
 
 SERVICE_OPERATIONS = [
     apidoc.Operation(
@@ -79,6 +87,16 @@ SERVICE_OPERATIONS = [
                 required=False,
             ),
         ),
+    ),
+    apidoc.Operation(
+        method="GET",
+        path="/metrics",
+        summary="Prometheus metrics of the service",
+        operation_id="getMetrics",
+        roles=(),
+        status=200,
+        response=MetricsText,
+        media_type="text/plain",
     ),
     apidoc.Operation(
         method="GET",

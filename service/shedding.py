@@ -7,6 +7,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from infra import metrics
 from service import errors
 
 EXEMPT_PREFIXES = ("/health/", "/metrics")
@@ -25,6 +26,7 @@ class LoadSheddingMiddleware:
         # A counter, not a semaphore: nothing waits for a slot. One event loop per
         # process and no await between the check and the increment, so no lock is needed.
         if self.in_flight >= self.max_in_flight:
+            metrics.SHED.inc()
             response = errors.error_response(
                 Request(scope), "OVERLOADED", "The service is overloaded. Please try again later."
             )

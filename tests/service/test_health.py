@@ -4,6 +4,7 @@ X-Service-Status headers) when read models lag or the forecast queue is nearly f
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,50 @@ def test_ready_is_degraded_while_read_models_trail_the_log(
     assert body["checks"]["database"] == {"status": "ok"}
     assert response.headers["X-Service-Status"] == "degraded"
     assert "projectionLag" in response.headers["X-Service-Message"]
+
+
+def test_while_degraded_every_response_says_so_and_stops_once_recovered(
+    settings: Settings, event_log: EventLog, tenant: Tenant
+) -> None:
+    """Not only /health/ready: reads, commands and errors carry the headers too, from the
+    process's background checks, and lose them once the read models caught up."""
+    strict = msgspec.structs.replace(settings, max_projection_lag_events=0, status_refresh_s=0.05)
+    app = create_app(strict, event_log=event_log, run_projections=True, run_jobs=False)
+    reader = {"Authorization": f"Bearer {tenant.reader}"}
+    with TestClient(app) as client:
+        settle(client, event_log)
+        # The projections run here, so lag comes only while events are unapplied: stop them.
+        client.app.state.projections.stop()  # type: ignore[attr-defined]
+        created = client.post(
+            "/api/scenarios", json=scenario_body(), headers=command_headers(tenant.writer)
+        )
+        assert created.status_code == 201
+
+        def marked() -> list[str]:
+            answers = [
+                client.get("/api/dashboard", headers=reader),
+                client.get("/api/scenarios/not-an-id", headers=reader),
+                client.get("/api/dashboard"),
+                client.get("/health/live"),
+            ]
+            return [a.headers.get("X-Service-Status", "") for a in answers]
+
+        deadline = time.monotonic() + SETTLE_S
+        while marked() != ["degraded"] * 4:
+            assert time.monotonic() < deadline, marked()
+            time.sleep(0.05)
+        answer = client.get("/api/dashboard", headers=reader)
+        assert "projectionLag" in answer.headers["X-Service-Message"]
+
+    # A fresh process whose projections catch up is not degraded.
+    with TestClient(
+        create_app(strict, event_log=event_log, run_projections=True, run_jobs=False)
+    ) as client:
+        settle(client, event_log)
+        deadline = time.monotonic() + SETTLE_S
+        while "X-Service-Status" in client.get("/api/dashboard", headers=reader).headers:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_ready_is_ok_again_once_the_projections_caught_up(

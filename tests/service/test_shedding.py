@@ -32,11 +32,14 @@ def base_url(settings: Settings, event_log: EventLog) -> Iterator[str]:
         yield url
 
 
-def held_body(release: threading.Event) -> Iterator[bytes]:
+def held_body(release: threading.Event, sent: threading.Semaphore) -> Iterator[bytes]:
     """A JSON body sent in two chunks; the second only once ``release`` is set, so the
-    request stays in flight on the server until then."""
+    request stays in flight on the server until then. ``sent`` is released once the first
+    chunk is on the wire: reading only after that keeps a read from taking a slot before
+    a held request arrives (which would then be shed instead of held)."""
     body = json.dumps(scenario_body()).encode()
     yield body[:10]
+    sent.release()
     assert release.wait(DEADLINE_S), "the held request was never released"
     yield body[10:]
 
@@ -62,16 +65,21 @@ def test_requests_beyond_the_bound_are_shed_at_once_and_health_never_is(
 ) -> None:
     read = {"Authorization": f"Bearer {tenant.reader}", "X-Request-Id": "shed-me-1"}
     release = threading.Event()
+    sent = threading.Semaphore(0)
 
     def create() -> httpx2.Response:
         with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
             return client.post(
-                "/api/scenarios", content=held_body(release), headers=command_headers(tenant.writer)
+                "/api/scenarios",
+                content=held_body(release, sent),
+                headers=command_headers(tenant.writer),
             )
 
     with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
         held = [pool.submit(create) for _ in range(MAX_IN_FLIGHT)]
         try:
+            for _ in range(MAX_IN_FLIGHT):
+                assert sent.acquire(timeout=DEADLINE_S), "a held request never started"
             shed = wait_until_shed(base_url, read)
             live = get(base_url, "/health/live")
             ready = get(base_url, "/health/ready")

@@ -1,0 +1,159 @@
+"""GET /metrics (Prometheus text format) and the middleware that times every request.
+
+Counters and histograms are counted by each process into prometheus_client's series
+(infra.metrics). With PROMETHEUS_MULTIPROC_DIR set before the process starts, each process
+keeps its values in files there and a scrape of any process adds up all of them. The
+database gauges (projection lag, queue depth) are measured by the scraping process at
+scrape time instead, so they are right in both modes and never summed over processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from infra import metrics
+from infra.clock import utc_now
+from infra.errors import StoreUnavailableError
+from service.health import Progress, ReadinessProbe
+
+# prometheus_client chooses between in-memory and file-backed values when it is imported,
+# from this variable; the exposition follows the same choice.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+# The route label of a request no route matched (404s, shed requests to unknown paths),
+# so that arbitrary paths never become series.
+UNMATCHED = "unmatched"
+# Methods outside this set are counted as "other": a client cannot mint series either.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that handled (or would handle) the request."""
+    # Starlette's router records the route it dispatched to in the scope.
+    route: BaseRoute | None = scope.get("route")
+    if route is None:
+        # Not dispatched (shed before the router, or no route at all): match here. This
+        # is the uncommon path, so its cost (one regex per route) does not matter.
+        app = scope.get("app")
+        routes: Iterable[BaseRoute] = getattr(getattr(app, "router", None), "routes", ())
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return str(getattr(route, "path", UNMATCHED))
+
+
+def method_label(scope: Scope) -> str:
+    method: str = scope["method"]
+    return method if method in _METHODS else "other"
+
+
+class RequestMetricsMiddleware:
+    """Observes every HTTP request's duration, from its start until the app has sent its
+    last byte, into the histogram by route template, method and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        # An app that raises before answering is answered 500 by the outermost middleware.
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            metrics.REQUEST_DURATION.labels(
+                route_template(scope), method_label(scope), str(status)
+            ).observe(time.perf_counter() - started)
+
+
+class StoreGauges:
+    """The database gauges of one scrape, from the progress the scraping process measured;
+    when the database did not answer, only ``accubooks_database_up 0``."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+
+    def collect(self) -> Iterator[Metric]:
+        progress = self._progress
+        yield GaugeMetricFamily(
+            "accubooks_database_up",
+            "1 when the database answered this scrape's queries in time, else 0",
+            value=int(progress is not None),
+        )
+        if progress is None:
+            return
+        yield GaugeMetricFamily(
+            "accubooks_event_log_position", "The newest position of the event log", progress.head
+        )
+        events = GaugeMetricFamily(
+            "accubooks_projection_lag_events",
+            "Events in the log that the projection has not applied yet",
+            labels=["projection"],
+        )
+        seconds = GaugeMetricFamily(
+            "accubooks_projection_lag_seconds",
+            "Age of the oldest event the projection has not applied yet (0 when caught up)",
+            labels=["projection"],
+        )
+        now = utc_now()
+        for name, position in sorted(progress.positions.items()):
+            events.add_metric([name], max(0, progress.head - position))
+            since = progress.behind_since.get(name)
+            # Clocks of other processes may run a little ahead of ours: never below 0.
+            age_s = max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+            seconds.add_metric([name], age_s)
+        yield events
+        yield seconds
+        yield GaugeMetricFamily(
+            "accubooks_forecast_queue_depth",
+            "Forecasts queued or running, all tenants",
+            progress.queue_depth,
+        )
+
+
+def exposition(progress: Progress | None) -> bytes:
+    """Every series of the process (or, in multi-process mode, of all processes) plus the
+    database gauges, in the Prometheus text format."""
+    registry = CollectorRegistry()
+    if MULTIPROCESS:
+        # Registers itself; prometheus_client leaves its constructor unannotated.
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        # The default registry is itself a collector; nesting it keeps it untouched.
+        registry.register(REGISTRY)
+    registry.register(StoreGauges(progress))
+    return generate_latest(registry)
+
+
+async def get_metrics(request: Request) -> Response:
+    probe: ReadinessProbe = request.state.readiness
+    try:
+        # Bounded by the health timeout; a database that is down costs the scrape its
+        # database gauges, never its answer.
+        progress: Progress | None = await probe.measure()
+    except StoreUnavailableError:
+        progress = None
+    # Reading the multi-process files is file I/O: off the event loop.
+    body = await run_in_threadpool(exposition, progress)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+route = Route("/metrics", get_metrics, methods=["GET"])
