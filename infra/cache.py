@@ -84,6 +84,11 @@ class Breaker:
                 self._opened_at = None
                 self._trial = False
 
+    def abandoned(self) -> None:
+        """A call let through ended without a verdict (it was cancelled)."""
+        with self._lock:
+            self._trial = False
+
     def failed(self) -> None:
         with self._lock:
             self._failures += 1
@@ -200,11 +205,16 @@ class RedisCache:
         return self._breaker.is_open
 
     async def read(self, generation_key: str, entry_key: str) -> tuple[bytes | None, bytes | None]:
-        found = await self._call(lambda: self._client.mget(generation_key, entry_key))
-        generation, entry = found
-        # The client does not decode answers: values are bytes.
-        assert not isinstance(generation, str) and not isinstance(entry, str)
-        return generation, entry
+        async def both() -> tuple[bytes | None, bytes | None]:
+            found = await self._client.mget(generation_key, entry_key)
+            # Anything but two values, each bytes or nil, is a broken answer: a failure
+            # of the cache like any other (a miss, counted by the breaker).
+            match found:
+                case [bytes() | None as generation, bytes() | None as entry]:
+                    return generation, entry
+            raise redis.exceptions.InvalidResponse(f"unexpected MGET answer: {found!r:.80}")
+
+        return await self._call(both)
 
     async def start_generation(self, generation_key: str) -> bytes:
         async def create() -> bytes | None:
@@ -215,7 +225,7 @@ class RedisCache:
             return generation  # type: ignore[no-any-return]
 
         generation = await self._call(create)
-        return bytes(generation) if generation is not None else _fresh_generation()
+        return generation if isinstance(generation, bytes) else _fresh_generation()
 
     async def write(self, entry_key: str, value: bytes, ttl_s: float) -> None:
         await self._call(lambda: self._client.set(entry_key, value, px=round(ttl_s * 1000)))
@@ -230,6 +240,11 @@ class RedisCache:
         try:
             async with asyncio.timeout(self._timeout_s):
                 result = await make()
+        except asyncio.CancelledError:
+            # The caller went away: no verdict on Redis, but a trial call must not stay
+            # pending forever (the breaker would never close).
+            self._breaker.abandoned()
+            raise
         except _CACHE_ERRORS as e:
             self._breaker.failed()
             if isinstance(e, TimeoutError | redis.TimeoutError):

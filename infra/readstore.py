@@ -129,6 +129,7 @@ class ReadStore:
                     "row_factory": dict_row,
                     "cursor_factory": self._cursor_class(),
                     "options": f"-c statement_timeout={round(self._timeout_s * 1000)}",
+                    "connect_timeout": settings.db_connect_timeout_s,
                 },
                 open=True,
                 name="readstore",

@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     db_pool_max_overflow: Annotated[int, msgspec.Meta(ge=0)] = 10
     db_pool_timeout_s: PositiveSeconds = 5.0
     db_lock_timeout_s: PositiveSeconds = 5.0
+    # Longest a new read-side connection may take to open (a server that accepts TCP but
+    # never answers must not stall the pool's growth and replacements).
+    db_connect_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 5
 
     # Read-model queries: the server cancels a statement over this (statement_timeout)
     # and the client stops waiting for it; the read answers 503 OPERATION_TIMEOUT.
