@@ -93,6 +93,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_breaker_failures: PositiveInt = 3
     redis_breaker_open_s: PositiveSeconds = 2.0
 
+    # Audit: signs checkpoints (base64 of a 32-byte Ed25519 seed; the same on every
+    # process). Unset: a key generated once into data_dir (embedded use).
+    audit_signing_key: str = ""
+
     # Readiness (/health/ready). Its database checks share one deadline, so a hung
     # database answers 503 within it instead of holding the poller.
     health_timeout_s: PositiveSeconds = 2.0

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import InfrastructureFactory, Tracking
+from eventsourcing.persistence import InfrastructureFactory, Notification, Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
@@ -77,14 +77,30 @@ class Projector(Protocol):
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None: ...
 
 
+class StoredEventProjector(Projector, Protocol):
+    """A read model that needs the events as stored (their exact bytes), not only as
+    decoded: the audit chain hashes what the store holds."""
+
+    def apply_stored(
+        self, tx: Tx, events: Sequence[tuple[DomainEventProtocol[Any], Notification]]
+    ) -> None: ...
+
+
 class _ReadModel:
     projector: Projector
     is_postgres: bool
 
-    def apply_batch(self, events: Sequence[Positioned], position: int) -> None:
+    def apply_batch(
+        self,
+        events: Sequence[Positioned],
+        position: int,
+        notifications: Sequence[Notification] | None = None,
+    ) -> None:
         """Applies ``events`` and moves the tracking position to ``position`` atomically.
-        The tracking row is written first: it takes the write lock at once, and a stale
-        position (another worker got there first) fails before any row changes."""
+        ``notifications`` are the same events as stored (needed by a
+        StoredEventProjector). The tracking row is written first: it takes the write lock
+        at once, and a stale position (another worker got there first) fails before any
+        row changes."""
         with self.datastore.transaction(commit=True) as cursor:  # type: ignore[attr-defined]
             if self.is_postgres:
                 # A view and its position are lost or kept together, so a crash may only
@@ -94,7 +110,15 @@ class _ReadModel:
                 # tables were small would keep scanning the wrong index as they grow.
                 cursor.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             self._insert_tracking(cursor, Tracking(EventLog.name, position))  # type: ignore[attr-defined]
-            self.projector.apply(Tx(cursor, postgres=self.is_postgres), events)
+            tx = Tx(cursor, postgres=self.is_postgres)
+            apply_stored = getattr(self.projector, "apply_stored", None)
+            if apply_stored is None:
+                self.projector.apply(tx, events)
+            elif notifications is None:
+                raise ValueError(f"the {self.projector.name} read model needs the stored events")
+            else:
+                pairs = zip(events, notifications, strict=True)
+                apply_stored(tx, [(event, stored) for (event, _), stored in pairs])
 
     def position(self) -> int:
         found: int | None = self.max_tracking_id(EventLog.name)  # type: ignore[attr-defined]

@@ -122,7 +122,7 @@ class ProjectionWorker:
         events: Sequence[Positioned] = [(mapper.to_domain_event(n), n.id) for n in notifications]
         last = notifications[-1].id
         try:
-            self.model.apply_batch(events, last)
+            self.model.apply_batch(events, last, notifications)
         except IntegrityError:
             # Another worker applied this range (a lock lost and retaken): resync.
             self._advance(self.model.position())

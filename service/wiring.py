@@ -19,6 +19,7 @@ from infra.clock import utc_now
 from infra.eventstore import EventLog
 from infra.readstore import ReadStore
 from infra.settings import Settings
+from projections.audit import AuditProjector
 from projections.dashboard import DashboardProjector
 from projections.dispatch import DispatchProjector
 from projections.forecasts import ForecastsProjector
@@ -39,6 +40,7 @@ def projectors(broker: dramatiq.Broker | None = None) -> list[Projector]:
         DashboardProjector(),
         UsageProjector(),
         QueueProjector(),
+        AuditProjector(),
     ]
     if broker is not None:
         found.append(DispatchProjector(functools.partial(jobs.send_generate_forecast, broker)))
