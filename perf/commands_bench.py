@@ -16,28 +16,28 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 import msgspec
-import psycopg
 
-from perf.harness import ADMIN_URL, REPORTS, ROOT, Deadline, git_head, postgres_database
-
-# A per-request timeout far above any healthy latency: a stuck request ends its worker.
-REQUEST_TIMEOUT_S = 10.0
+from perf.cpu import CpuMeter
+from perf.harness import (
+    ADMIN_URL,
+    REQUEST_TIMEOUT_S,
+    Deadline,
+    git_head,
+    postgres_database,
+    write_report,
+)
+from perf.machine import postgres_version
+from perf.processes import accubooks_json, api_process
 
 SCENARIO_BODY = msgspec.json.encode(
     {
@@ -94,114 +94,6 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     phases: list[Phase]
     post8_over_health8: float
     post8_over_post1: float
-
-
-# --- the services: a private database and the API process -------------------------------
-
-
-def cli_json(cli: Path, args: list[str], env: dict[str, str], deadline: Deadline) -> Any:
-    done = subprocess.run(
-        [str(cli), *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=min(60.0, deadline.remaining()),
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"accubooks {' '.join(args)} failed: {done.stderr.strip()}")
-    return msgspec.json.decode(done.stdout.splitlines()[0])
-
-
-@contextmanager
-def api_process(cli: Path, env: dict[str, str], deadline: Deadline) -> Iterator[tuple[str, int]]:
-    """The API as a real process on a free port: its URL and pid. Always terminated."""
-    with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(
-            [str(cli), "api", "--host", "127.0.0.1", "--port", "0", "--json"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-        lines: queue.Queue[str] = queue.Queue()
-
-        def drain() -> None:
-            # Keeps reading so the process never blocks on a full stdout pipe.
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-
-        threading.Thread(target=drain, daemon=True).start()
-        try:
-            try:
-                first = lines.get(timeout=min(30.0, deadline.remaining()))
-            except queue.Empty:
-                stderr.seek(0)
-                raise SystemExit(
-                    f"the API did not start: {stderr.read().decode(errors='replace')[-2000:]}"
-                ) from None
-            yield str(msgspec.json.decode(first)["url"]), proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-# --- CPU accounting ------------------------------------------------------------------------
-
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
-
-
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (threads included); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * _TICK_S
-
-
-def _backend_pids(database_url: str) -> list[int]:
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid()"
-        ).fetchall()
-    return [int(row[0]) for row in rows]
-
-
-@dataclass
-class CpuMeter:
-    """CPU used between start() and stop() by the API process, the PostgreSQL backends of
-    the benchmark database (those alive at either end) and this load generator."""
-
-    api_pid: int
-    database_url: str
-    _api: float | None = None
-    _pg: dict[int, float] = field(default_factory=dict)
-    _loadgen: float = 0.0
-
-    def start(self) -> None:
-        self._api = _cpu_s(self.api_pid)
-        self._pg = {
-            pid: cpu for pid in _backend_pids(self.database_url) if (cpu := _cpu_s(pid)) is not None
-        }
-        self._loadgen = time.process_time()
-
-    def stop(self) -> tuple[float | None, float | None, float]:
-        loadgen = time.process_time() - self._loadgen
-        api_now = _cpu_s(self.api_pid)
-        api = None if api_now is None or self._api is None else api_now - self._api
-        pids = set(self._pg) | set(_backend_pids(self.database_url))
-        now = {pid: _cpu_s(pid) for pid in pids}
-        seen = [cpu - self._pg.get(pid, 0.0) for pid, cpu in now.items() if cpu is not None]
-        pg = sum(seen) if seen else None
-        return api, pg, loadgen
 
 
 # --- the load generator -------------------------------------------------------------------
@@ -284,7 +176,7 @@ def run_phase(
         thread.start()
     for thread in threads:
         thread.join(timeout=deadline.remaining() + REQUEST_TIMEOUT_S)
-    cpu_used = cpu.stop() if cpu is not None else (None, None, 0.0)
+    used = cpu.stop() if cpu is not None else None
 
     finished = [w.finished_at for w in workers if w.finished_at]
     seconds = max(finished) - started[0] if started and finished else float("nan")
@@ -299,7 +191,11 @@ def run_phase(
     def per_req(cpu_s: float | None) -> float | None:
         return None if cpu_s is None or not completed else cpu_s / completed * 1e6
 
-    api_cpu, pg_cpu, loadgen_cpu = cpu_used
+    # CPU seconds: the API process's (None when it was gone at either end), the
+    # PostgreSQL backends' (None when none could be read) and this load generator's.
+    api_cpu = None if used is None else used.processes["api"]
+    pg_cpu = None if used is None or not used.postgres_backends else used.postgres_s
+    loadgen_cpu = 0.0 if used is None else used.this_process_s
     return Phase(
         name=name,
         clients=clients,
@@ -334,13 +230,11 @@ def get_live(client: httpx.Client) -> int:
 
 
 def machine_facts(admin_url: str) -> Machine:
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
     return Machine(
         nproc=len(os.sched_getaffinity(0)),
         loadavg_1m_at_start=round(os.getloadavg()[0], 2),
         python=platform.python_version(),
-        postgres=str(row[0]) if row else "?",
+        postgres=postgres_version(admin_url),
         httpx2=httpx.__version__,
         date=datetime.now(UTC).isoformat(timespec="seconds"),
         git_head=git_head(),
@@ -392,12 +286,6 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
@@ -422,21 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.clients < 1 or args.single_requests < 1:
         raise SystemExit("--requests, --clients and --single-requests must be at least 1")
     deadline = Deadline(time.monotonic() + args.timeout_s)
-    cli = ROOT / ".venv" / "bin" / "accubooks"
-    if not cli.exists():
-        cli = Path(sys.executable).with_name("accubooks")
     machine = machine_facts(args.admin_url)
     clients = args.clients
 
     with postgres_database(args.admin_url) as database_url:
-        env = {**os.environ, "DATABASE_URL": database_url}
-        tenant = cli_json(cli, ["tenants", "create", "perf"], env, deadline)
-        key = cli_json(
-            cli, ["keys", "issue", tenant["tenantId"], "--role", "writer"], env, deadline
+        tenant = accubooks_json(["tenants", "create", "perf"], database_url, deadline)
+        key = accubooks_json(
+            ["keys", "issue", tenant["tenantId"], "--role", "writer"], database_url, deadline
         )
         headers = {"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"}
-        with api_process(cli, env, deadline) as (url, pid):
-            cpu = CpuMeter(api_pid=pid, database_url=database_url)
+        with api_process(database_url, {}, deadline) as (url, pid):
+            cpu = CpuMeter({"api": pid}, database_url)
 
             def phase(name: str, send: Send, n_clients: int, n: int, timed: bool) -> Phase:
                 result = run_phase(
@@ -481,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         post8_over_post1=_ratio(post8.req_per_s, post1.req_per_s),
     )
     markdown = render_markdown(report)
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    _write(REPORTS / "commands.md", markdown.encode())
-    _write(REPORTS / "commands.json", msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    write_report("commands", markdown, report)
     print(markdown)
     return 0 if ok else 1
 

@@ -23,7 +23,6 @@ import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 import httpx2 as httpx
 import msgspec
@@ -31,8 +30,8 @@ import redis
 
 from domain import forecast_model
 from domain import scenario_spec as spec
-from perf.harness import ADMIN_URL, REPORTS, Deadline, git_head, postgres_database
-from perf.projection_bench import accubooks
+from perf.harness import ADMIN_URL, Deadline, git_head, postgres_database, write_report
+from perf.processes import accubooks, accubooks_json
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -52,24 +51,6 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     load_average: float
     date: str
     git_head: str
-
-
-def _cli(args: list[str], database_url: str) -> dict[str, Any]:
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCUBOOKS_")}
-    env["DATABASE_URL"] = database_url
-    done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    answer: dict[str, Any] = msgspec.json.decode(done.stdout)
-    return answer
 
 
 def model_alone(months: int, paths: int, runs: int = 5) -> float:
@@ -104,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             url = stack.enter_context(postgres_database(ADMIN_URL))
-            tenant = _cli(["tenants", "create", "perf"], url)
-            key = _cli(["keys", "issue", tenant["tenantId"], "--role", "writer"], url)["key"]
+            tenant = accubooks_json(["tenants", "create", "perf"], url, deadline)
+            key = accubooks_json(
+                ["keys", "issue", tenant["tenantId"], "--role", "writer"], url, deadline
+            )["key"]
             env = {"BROKER_URL": REDIS_URL}
             api = stack.enter_context(accubooks(["api", "--port", "0"], url, env))
             base = api.first_line(deadline)["url"]
@@ -180,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         " process; what the log, the dispatcher, the broker, the child process and the"
         " read model add on top of the computation.\n"
     )
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / "forecast_latency.md").write_text(markdown)
-    (REPORTS / "forecast_latency.json").write_bytes(
-        msgspec.json.format(msgspec.json.encode(report))
-    )
+    write_report("forecast_latency", markdown, report)
     print(markdown)
     return 0
 

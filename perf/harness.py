@@ -1,5 +1,6 @@
 """What every benchmark here shares: a global time budget, a private PostgreSQL database
-created and dropped around a run, and the git revision a report was measured on."""
+created and dropped around a run, the git revision a report was measured on, and writing
+the report."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "perf" / "reports"
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# A per-request timeout far above any healthy latency: a stuck request fails, never hangs.
+REQUEST_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,17 @@ def git_head() -> str:
     return git("rev-parse", "HEAD") + (
         " (uncommitted changes)" if git("status", "--porcelain") else ""
     )
+
+
+def write_report(name: str, markdown: str, report: msgspec.Struct) -> None:
+    """perf/reports/<name>.md and <name>.json (indented), each replaced whole: a run that
+    dies while writing never leaves half a report."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    _replace(REPORTS / f"{name}.md", markdown.encode())
+    _replace(REPORTS / f"{name}.json", msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -26,14 +26,13 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 
 import msgspec
 import numpy as np
 
 from domain import forecast_model as fm
 from domain import scenario_spec as spec
-from perf.harness import REPORTS, git_head
+from perf.harness import git_head, write_report
 
 FORECAST_ID = uuid.UUID("5b0c1f9e-8a7d-4c3b-9e21-6f4d2a8c7e10")
 BASELINE = spec.Baseline(
@@ -177,12 +176,6 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perf.model_bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=7, help="timed runs per size")
@@ -215,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     markdown = render_markdown(report)
     print(markdown)
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    _write(REPORTS / "model.md", markdown.encode())
-    _write(REPORTS / "model.json", msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    write_report("model", markdown, report)
     return 0 if report.ok else 1
 
 

@@ -19,70 +19,43 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import select
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from datetime import UTC, datetime
-from typing import IO, Any
 
 import httpx2 as httpx
 import msgspec
-import psycopg
 
 from commands import tenants
 from commands.context import Collaborators
-from domain import scenario_spec as spec
 from domain.events import Actor
 from domain.forecast import Forecast
 from domain.scenario import Scenario
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
-from perf.harness import ADMIN_URL, REPORTS, ROOT, Deadline, git_head, postgres_database
+from perf.harness import (
+    ADMIN_URL,
+    REQUEST_TIMEOUT_S,
+    Deadline,
+    git_head,
+    postgres_database,
+    write_report,
+)
+from perf.machine import postgres_version
+from perf.processes import accubooks
+from perf.seeding import ASSUMPTIONS, BASELINE, SAVE_AGGREGATES, SCENARIO_BODY, SaveBatch
 from projections.readmodel import Projector
 from projections.runner import ProjectionRunner
 from service import wiring
 
 PAGE = 500  # the runner's batch size, and the baseline's page
-SAVE_AGGREGATES = 100  # aggregates per save() when writing the log in bulk
 # The longest one command may take to become readable before it counts as not seen.
 VISIBILITY_TIMEOUT_S = 10.0
 SAMPLE_S = 0.05  # how often the catch-up's positions are sampled
-REQUEST_TIMEOUT_S = 10.0
-
-SCENARIO_BODY = msgspec.json.encode(
-    {
-        "name": "Hire two engineers",
-        "type": "HIRING",
-        "baseline": {
-            "startMonth": "2026-01",
-            "openingCash": "250000.00",
-            "monthlyRevenue": "40000",
-            "monthlyCosts": "35000.50",
-            "revenueGrowthRate": 0.02,
-            "costGrowthRate": 0.01,
-        },
-        "assumptions": {"headcount": 2, "monthlyCostPerHead": "6500", "startOffsetMonths": 1},
-    }
-)
-BASELINE = spec.baseline_from_payload(msgspec.json.decode(SCENARIO_BODY)["baseline"])
-ASSUMPTIONS = [
-    spec.assumptions_from_payload(payload)
-    for payload in (
-        {"type": "HIRING", "headcount": 2, "monthlyCostPerHead": "6500"},
-        {"type": "COST_REDUCTION", "percent": 10},
-        {"type": "REVENUE_INCREASE", "percent": 5},
-        {"type": "PRICE_CHANGE", "percent": 3, "churnPercent": 1},
-        {"type": "CUSTOM", "revenuePercent": 1, "costPercent": 2, "oneOffCash": "1000"},
-    )
-]
 
 
 class Throughput(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,16 +126,12 @@ def write_bulk(log: EventLog, events: int, deadline: Deadline) -> Throughput:
     deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
     tenant_ids = [tenants.create_tenant(deps, f"Tenant {n}").tenant_id for n in range(10)]
     written = len(tenant_ids)
-    pending: list[Scenario | Forecast] = []
+    batch = SaveBatch(log, SAVE_AGGREGATES)
     index = 0
     started, cpu = time.perf_counter(), time.process_time()
-    while written < events or pending:
+    while written < events:
         if deadline.expired():
             raise SystemExit("the budget ran out while writing the log")
-        if written >= events or len(pending) >= SAVE_AGGREGATES:
-            log.save(*pending)
-            pending.clear()
-            continue
         actor = Actor(
             tenant_id=tenant_ids[index % len(tenant_ids)], actor_id="bench", request_id=str(index)
         )
@@ -189,9 +158,10 @@ def write_bulk(log: EventLog, events: int, deadline: Deadline) -> Throughput:
         ]
         if index % 10 == 0:
             scenario.archive(actor, at=now)
-        pending.extend([scenario, *requested])
+        batch.add(scenario, *requested)
         written += scenario.version + len(requested)
         index += 1
+    batch.flush()
     return _throughput(written, started, cpu)
 
 
@@ -295,57 +265,6 @@ def _fifth_rates(
     return rates
 
 
-@dataclass
-class Process:
-    name: str
-    proc: subprocess.Popen[str]
-    stderr: IO[str]
-
-    def first_line(self, deadline: Deadline) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], min(60.0, deadline.remaining()))
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stderr.seek(0)
-            raise SystemExit(f"accubooks {self.name} did not start: {self.stderr.read()[-2000:]}")
-        first: dict[str, Any] = msgspec.json.decode(line)
-        return first
-
-
-@contextmanager
-def accubooks(
-    args: list[str], database_url: str, extra_env: dict[str, str] | None = None
-) -> Iterator[Process]:
-    """`accubooks <args> --json` as a process on the benchmark database; always stopped."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("ACCUBOOKS_") and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
-    }
-    env["DATABASE_URL"] = database_url
-    env.update(extra_env or {})
-    with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args, "--json"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-        try:
-            yield Process(args[0], proc, stderr)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            assert proc.stdout is not None
-            proc.stdout.close()
-
-
 def visibility(log: EventLog, database_url: str, commands: int, deadline: Deadline) -> Latency:
     """Create-scenario commands one at a time against `accubooks api`, with `accubooks
     project` following the log: for each, the time from its 201 to the first 200 of
@@ -433,12 +352,6 @@ def _percentile_ms(ordered: list[float], q: float) -> float:
 
 
 # --- the report ---------------------------------------------------------------------------
-
-
-def _postgres_version(admin_url: str) -> str:
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
 
 
 def _fmt(value: float | None) -> str:
@@ -581,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             loadavg_1m_at_start=load_at_start,
             loadavg_1m_at_end=round(os.getloadavg()[0], 2),
             python=platform.python_version(),
-            postgres=_postgres_version(args.admin_url),
+            postgres=postgres_version(args.admin_url),
             date=date,
             git_head=git_head(),
         ),
@@ -594,9 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         latency=latency,
     )
     markdown = render_markdown(report)
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / "projections.md").write_text(markdown)
-    (REPORTS / "projections.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    write_report("projections", markdown, report)
     print(markdown)
     print(msgspec.json.format(msgspec.json.encode(report)).decode())
     return 0 if ok else 1

@@ -1,8 +1,8 @@
--- The read mix for wrk, driven by perf/read_bench.py: every request is drawn at random
--- from a plan file written by the benchmark (one line per drawn request, already in the
--- mix's proportions: "route<TAB>path<TAB>key", key "-" for none), so the weights, tenants
--- and ids live in Python and this script only replays them. Requests are formatted once in
--- init() so that wrk spends its CPU on the sockets, not on Lua.
+-- The read mix for wrk, run by perf/wrk.py: every request is drawn at random from a plan
+-- file written by the benchmark (perf/wrk.py's write_plan: one line per drawn request,
+-- already in the mix's proportions: "route<TAB>path<TAB>key", key "-" for none), so the
+-- weights, tenants and ids live in Python and this script only replays them. Requests are
+-- formatted once in init() so that wrk spends its CPU on the sockets, not on Lua.
 --
 -- Usage: wrk -t2 -c100 -d20s -s perf/read_mix.lua http://127.0.0.1:PORT -- PLAN_FILE
 --

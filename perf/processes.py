@@ -1,0 +1,266 @@
+"""The processes a benchmark starts: `accubooks` commands (long-running and one-shot), a
+private redis-server, the bare hello server. Each is started on 127.0.0.1 (a free port),
+waited on until it answers, and always stopped when its `with` block ends."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx2 as httpx
+import msgspec
+import redis
+
+from perf.harness import REQUEST_TIMEOUT_S, ROOT, Deadline
+
+POLL_S = 0.05  # how often a readiness check is repeated
+STOP_S = 10.0  # how long a process gets to exit after SIGTERM, before SIGKILL
+START_S = 60.0  # the longest an `accubooks` process or command may take to answer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def stop(proc: subprocess.Popen[Any], *, kill: bool = False) -> None:
+    """SIGTERM (or SIGKILL with ``kill``), then SIGKILL if it has not exited in STOP_S."""
+    if proc.poll() is not None:
+        return
+    if kill:
+        proc.kill()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_S)
+
+
+def wait_until(check: Callable[[], bool], what: str, deadline: Deadline, limit_s: float) -> None:
+    """Polls ``check`` until it is true, at most ``limit_s`` (and the budget)."""
+    until = time.monotonic() + min(limit_s, deadline.remaining())
+    while not check():
+        if time.monotonic() > until:
+            raise SystemExit(f"{what} did not happen in time")
+        time.sleep(POLL_S)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `with` block that started a process
+    stops it."""
+
+    def raise_exit(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_exit)
+
+
+# --- accubooks --------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    """A running `accubooks <name> --json`; its stderr goes to a temporary file."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    stderr: IO[str]
+
+    def first_line(self, deadline: Deadline) -> dict[str, Any]:
+        """The JSON line it prints once started (where it listens, what it runs)."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], min(START_S, deadline.remaining()))
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stderr.seek(0)
+            raise SystemExit(f"accubooks {self.name} did not start: {self.stderr.read()[-2000:]}")
+        first: dict[str, Any] = msgspec.json.decode(line)
+        return first
+
+
+def _accubooks_env(database_url: str, extra_env: dict[str, str] | None) -> dict[str, str]:
+    # None of the caller's service settings leak in: only what the benchmark passes counts.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ACCUBOOKS_") and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
+    }
+    env["DATABASE_URL"] = database_url
+    env.update(extra_env or {})
+    return env
+
+
+@contextmanager
+def accubooks(
+    args: list[str], database_url: str, extra_env: dict[str, str] | None = None
+) -> Iterator[Process]:
+    """`accubooks <args> --json` as a process on the benchmark database; always stopped."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args, "--json"],
+            cwd=ROOT,
+            env=_accubooks_env(database_url, extra_env),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            yield Process(args[0], proc, stderr)
+        finally:
+            stop(proc)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def accubooks_json(args: list[str], database_url: str, deadline: Deadline) -> dict[str, Any]:
+    """`accubooks <args> --json` run to its end on the benchmark database (e.g. creating a
+    tenant or issuing a key): its JSON answer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--json"],
+        cwd=ROOT,
+        env=_accubooks_env(database_url, None),
+        capture_output=True,
+        text=True,
+        timeout=min(START_S, deadline.remaining()),
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"accubooks {' '.join(args)} failed: {done.stderr.strip()}")
+    answer: dict[str, Any] = msgspec.json.decode(done.stdout.splitlines()[0])
+    return answer
+
+
+@contextmanager
+def api_process(
+    database_url: str, env: dict[str, str], deadline: Deadline
+) -> Iterator[tuple[str, int]]:
+    """`accubooks api` on a free port with ``env``, answering: its URL and pid; always
+    stopped."""
+    with accubooks(["api", "--host", "127.0.0.1", "--port", "0"], database_url, env) as proc:
+        url = str(proc.first_line(deadline)["url"])
+        httpx.get(url + "/health/live", timeout=REQUEST_TIMEOUT_S, trust_env=False)
+        yield url, proc.proc.pid
+
+
+# --- redis-server -----------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        stop(self.proc, kill=True)
+
+
+@contextmanager
+def private_redis(directory: str, deadline: Deadline) -> Iterator[RedisServer]:
+    """A redis-server of our own on a free port, no persistence, its log in ``directory``;
+    always stopped."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is missing: apt-get install -y redis-server")
+    port = free_port()
+    if port == 6379:  # the shared server's port: never ours
+        port = free_port()
+    with open(Path(directory) / "redis.log", "wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", proc)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise SystemExit(f"redis-server exited: see {directory}/redis.log")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, "the private redis-server answering", deadline, 20.0)
+        client.close()
+        yield server
+    finally:
+        stop(proc)
+
+
+# --- the hello baseline -----------------------------------------------------------------
+
+
+@contextmanager
+def hello_server(deadline: Deadline) -> Iterator[tuple[str, int]]:
+    """perf.hello served the way `accubooks api` serves: uvicorn, one process, its default
+    loop and HTTP implementation, no access log. Its URL and pid; always stopped."""
+    port = free_port()
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "perf.hello:hello_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def answers() -> bool:
+                if proc.poll() is not None:
+                    stderr.seek(0)
+                    raise SystemExit(f"the hello server exited: {stderr.read()[-2000:]!r}")
+                try:
+                    return httpx.get(url + "/", timeout=1.0, trust_env=False).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(answers, "the hello server answering", deadline, 30.0)
+            yield url, proc.pid
+        finally:
+            stop(proc)

@@ -1,0 +1,239 @@
+"""Seeding a benchmark's data the way the service writes it, never as read-model rows:
+tenants and keys through the tenant commands, scenarios and forecasts saved through the
+event log as the commands and the job worker save them; then `accubooks project` until
+every read model has caught up."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import psycopg
+
+from commands import tenants as tenant_commands
+from commands.context import Collaborators
+from domain import forecast_model
+from domain import scenario_spec as spec
+from domain.events import Actor
+from domain.forecast import Forecast
+from domain.scenario import Scenario
+from infra.clock import utc_now
+from infra.eventstore import EventLog
+from perf.harness import Deadline
+from perf.processes import accubooks
+from service import wiring
+
+SCENARIO_BODY = msgspec.json.encode(
+    {
+        "name": "Hire two engineers",
+        "type": "HIRING",
+        "baseline": {
+            "startMonth": "2026-01",
+            "openingCash": "250000.00",
+            "monthlyRevenue": "40000",
+            "monthlyCosts": "35000.50",
+            "revenueGrowthRate": 0.02,
+            "costGrowthRate": 0.01,
+        },
+        "assumptions": {"headcount": 2, "monthlyCostPerHead": "6500", "startOffsetMonths": 1},
+    }
+)
+BASELINE = spec.baseline_from_payload(msgspec.json.decode(SCENARIO_BODY)["baseline"])
+ASSUMPTIONS = [
+    spec.assumptions_from_payload(payload)
+    for payload in (
+        {"type": "HIRING", "headcount": 2, "monthlyCostPerHead": "6500"},
+        {"type": "COST_REDUCTION", "percent": 10},
+        {"type": "REVENUE_INCREASE", "percent": 5},
+        {"type": "PRICE_CHANGE", "percent": 3, "churnPercent": 1},
+        {"type": "CUSTOM", "revenuePercent": 1, "costPercent": 2, "oneOffCash": "1000"},
+    )
+]
+
+SAVE_AGGREGATES = 100  # aggregates per save() when writing the log in bulk
+FORECAST_MONTHS = 24
+FORECAST_PATHS = 1000
+FAILED_EVERY = 25  # every 25th seeded forecast failed, the rest completed (one queued per tenant)
+ARCHIVED_EVERY = 10  # every 10th scenario archived (after its forecasts)
+CATCH_UP_POLL_S = 0.2
+STALL_S = 30.0  # a projection that does not move for this long has failed
+
+
+class SaveBatch:
+    """Aggregates saved through the log together, one save() (one transaction) per
+    ``size`` or more, in the order they were added; flush() saves the rest."""
+
+    def __init__(self, log: EventLog, size: int = SAVE_AGGREGATES) -> None:
+        self._log = log
+        self._size = size
+        self._pending: list[Scenario | Forecast] = []
+
+    def add(self, *aggregates: Scenario | Forecast) -> None:
+        self._pending.extend(aggregates)
+        if len(self._pending) >= self._size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._log.save(*self._pending)
+            self._pending.clear()
+
+
+@dataclass
+class TenantReads:
+    """What a read mix may ask about one tenant: its reader key and its ids."""
+
+    key: str
+    scenario_ids: list[str] = field(default_factory=list)
+    forecast_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SeedCounts:
+    scenarios: int = 0
+    archived: int = 0
+    completed: int = 0
+    failed: int = 0
+    queued: int = 0
+
+
+def seed_tenants(
+    log: EventLog,
+    *,
+    tenants: int,
+    scenarios: int,
+    forecasts: int,
+    deadline: Deadline,
+    tenant_name: str = "Read bench",
+) -> tuple[SeedCounts, list[TenantReads]]:
+    """Tenants and reader keys through the tenant commands; per tenant ``scenarios``
+    scenarios with ``forecasts`` forecasts each, saved through the log in the order the
+    commands and the job worker would save them: a scenario, then its forecasts (requested,
+    started, completed with the real model's result; a few failed, one queued per tenant),
+    and after everything every tenth scenario archived."""
+    deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
+    counts = SeedCounts()
+    reads: list[TenantReads] = []
+    batch = SaveBatch(log)
+    to_archive: list[tuple[Scenario, Actor]] = []
+    for t in range(tenants):
+        tenant_id = tenant_commands.create_tenant(deps, f"{tenant_name} {t}").tenant_id
+        tenant = TenantReads(key=tenant_commands.issue_key(deps, tenant_id, "reader").key)
+        reads.append(tenant)
+        user = Actor(tenant_id=tenant_id, actor_id="bench", request_id=f"seed-{t}")
+        worker = Actor(tenant_id=tenant_id, actor_id="worker", request_id=f"seed-{t}")
+        for s in range(scenarios):
+            if deadline.expired():
+                raise SystemExit("the budget ran out while seeding")
+            scenario = Scenario.create(
+                user,
+                scenario_id=uuid.uuid4(),
+                name=f"Scenario {s}",
+                baseline=BASELINE,
+                assumptions=ASSUMPTIONS[s % len(ASSUMPTIONS)],
+                at=utc_now(),
+            )
+            tenant.scenario_ids.append(str(scenario.id))
+            counts.scenarios += 1
+            made = [
+                _forecast(scenario, user, worker, index=s * forecasts + f, counts=counts)
+                for f in range(forecasts)
+            ]
+            tenant.forecast_ids.extend(str(forecast.id) for forecast in made)
+            batch.add(scenario, *made)
+            if s % ARCHIVED_EVERY == ARCHIVED_EVERY - 1:
+                to_archive.append((scenario, user))
+    for scenario, user in to_archive:
+        scenario.archive(user, at=utc_now())
+        counts.archived += 1
+        batch.add(scenario)
+    batch.flush()
+    return counts, reads
+
+
+def _forecast(
+    scenario: Scenario, user: Actor, worker: Actor, *, index: int, counts: SeedCounts
+) -> Forecast:
+    """A forecast of ``scenario``: the tenant's first stays queued, every FAILED_EVERY-th
+    failed, the others completed with the model's result for their own seed."""
+    now = utc_now()
+    forecast = Forecast.request(
+        user,
+        forecast_id=uuid.uuid4(),
+        scenario=scenario,
+        horizon_months=FORECAST_MONTHS,
+        paths=FORECAST_PATHS,
+        at=now,
+    )
+    if index == 0:
+        counts.queued += 1
+        return forecast
+    forecast.start(worker, at=now)
+    if index % FAILED_EVERY == 0:
+        forecast.fail(worker, reason="ERROR", message="seeded failure", at=now)
+        counts.failed += 1
+        return forecast
+    started = time.perf_counter()
+    result = forecast_model.run_forecast(
+        scenario.baseline,
+        scenario.assumptions,
+        horizon_months=FORECAST_MONTHS,
+        paths=FORECAST_PATHS,
+        seed=forecast.id,
+    )
+    forecast.complete(
+        worker,
+        result=msgspec.to_builtins(result),
+        compute_seconds=round(time.perf_counter() - started, 6),
+        at=utc_now(),
+    )
+    counts.completed += 1
+    return forecast
+
+
+def projected_positions(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, int]:
+    """The log position each named projection has applied (0 before its tables exist)."""
+    found: dict[str, int] = {}
+    for name in names:
+        try:
+            row = conn.execute(
+                f"SELECT COALESCE(MAX(notification_id), 0) FROM {name}_tracking"
+                " WHERE application_name = %s",
+                [EventLog.name],
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None  # the worker has not created its tables yet
+        found[name] = int(row[0]) if row else 0
+    return found
+
+
+def project_until_caught_up(
+    database_url: str, redis_url: str, end: int, deadline: Deadline
+) -> float:
+    """`accubooks project` (bumping the cache's generations in our Redis, as in
+    production) until every read model has applied the log up to ``end``; then stopped.
+    The seconds it took. A worker that stops moving for STALL_S fails the run."""
+    names = [projector.name for projector in wiring.projectors()]
+    with (
+        accubooks(["project"], database_url, {"REDIS_URL": redis_url}) as project,
+        psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn,
+    ):
+        started = time.perf_counter()
+        project.first_line(deadline)
+        last, moved = projected_positions(conn, names), time.monotonic()
+        while min(last.values()) < end:
+            time.sleep(CATCH_UP_POLL_S)
+            now = projected_positions(conn, names)
+            if now != last:
+                last, moved = now, time.monotonic()
+            stalled = time.monotonic() - moved > STALL_S
+            if deadline.expired() or stalled or project.proc.poll() is not None:
+                project.stderr.seek(0)
+                raise SystemExit(
+                    f"the read models did not catch up to {end}: {now}\n"
+                    f"accubooks project said: {project.stderr.read()[-3000:]}"
+                )
+        return time.perf_counter() - started
