@@ -22,9 +22,11 @@ from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.readstore import ReadStore
 from infra.settings import Settings, cursor_key
-from readapi import dashboard, forecasts, scenarios, usage
+from infra.signing import load_signer
+from projections.pointintime import replay_dashboard
+from readapi import audit, dashboard, forecasts, pointintime, scenarios, usage
 from readapi.cache import ReadCache
-from readapi.context import ReadApi
+from readapi.context import AuditTools, ReadApi
 from readapi.paging import CursorSigner
 from service import errors, health, logs, metrics, openapi, shedding, wiring
 from service.status import STATE_KEY as STATUS_STATE_KEY
@@ -97,6 +99,9 @@ def create_app(
             clock=utc_now,
             read_your_writes_timeout_s=settings.read_your_writes_timeout_s,
             cache=ReadCache(cache, prefix=settings.cache_prefix, ttls=wiring.cache_ttls(settings)),
+            audit=AuditTools(
+                signer=load_signer(settings), mapper=log.mapper, replay_dashboard=replay_dashboard
+            ),
         )
         # Also on app.state, for operators' tools and tests that wait on positions.
         app.state.projections = runner
@@ -151,6 +156,8 @@ def create_app(
             *forecasts.routes,
             *dashboard.routes,
             *usage.routes,
+            *audit.routes,
+            *pointintime.routes,
         ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,

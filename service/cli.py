@@ -17,6 +17,7 @@ from uuid import UUID
 
 import msgspec
 import uvicorn
+from eventsourcing.persistence import PersistenceError
 
 from commands import tenants
 from commands.context import Collaborators
@@ -28,7 +29,9 @@ from infra.broker import open_broker
 from infra.clock import utc_now
 from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
-from service import logs, wiring
+from projections import rebuild as rebuilder
+from projections.errors import RebuildError
+from service import audit_cli, logs, wiring
 from service.app import create_app
 
 
@@ -54,6 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", type=UUID)
     revoke.add_argument("--json", action="store_true", help="machine-readable output")
 
+    rebuild = (
+        sub.add_parser("projections", help="maintain the read models")
+        .add_subparsers(dest="action", required=True)
+        .add_parser(
+            "rebuild",
+            help="replay the log into shadow read models; diff with --verify, replace with"
+            " --switch (exit 1 when the diff found differences)",
+        )
+    )
+    rebuild.add_argument("names", nargs="*", metavar="NAME", help="read models (default: all)")
+    rebuild.add_argument(
+        "--verify", action="store_true", help="diff each with its live model at one position"
+    )
+    rebuild.add_argument(
+        "--switch",
+        action="store_true",
+        help="make the rebuilt models live (their projection workers must be stopped)",
+    )
+    rebuild.add_argument(
+        "--batch-size",
+        type=rebuilder.batch_size,
+        default=rebuilder.DEFAULT_BATCH,
+        metavar="N",
+        help=f"events per transaction (default {rebuilder.DEFAULT_BATCH})",
+    )
+    rebuild.add_argument("--json", action="store_true", help="print the report as JSON")
+
     project = sub.add_parser("project", help="run the projection workers until stopped")
     project.add_argument("--json", action="store_true", help="print progress as JSON lines")
     worker = sub.add_parser("worker", help="run forecast job workers (needs BROKER_URL)")
@@ -67,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         proc.add_argument("--host", default="127.0.0.1")
         proc.add_argument("--port", type=int, default=8000)
         proc.add_argument("--json", action="store_true", help="print where it listens as JSON")
+    audit_cli.add_parser(sub)
     return parser
 
 
@@ -167,6 +198,41 @@ def _work(args: argparse.Namespace, settings: settings_module.Settings) -> int:
     return 0
 
 
+def _rebuild(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    """`projections rebuild`: 0 when every verified read model matched, 1 when one differs,
+    2 when the rebuild could not be done."""
+    known = {p.name: p for p in wiring.projectors()}  # no dispatcher: it has side effects
+    unknown = sorted(set(args.names) - set(known))
+    if unknown:
+        print(
+            f"accubooks: no read model {', '.join(unknown)} (known: {', '.join(known)})",
+            file=sys.stderr,
+        )
+        return 2
+    chosen = [known[name] for name in args.names] if args.names else list(known.values())
+    bar = sys.stderr.isatty()
+    progress = rebuilder.Progress(sys.stderr, bar=bar) if bar or not args.json else None
+    try:
+        log = open_event_log(settings)
+        try:
+            report = rebuilder.rebuild(
+                settings,
+                log,
+                chosen,
+                verify=args.verify,
+                switch=args.switch,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+        finally:
+            log.close()
+    except (RebuildError, InfraError, PersistenceError) as e:
+        print(f"accubooks: {e}", file=sys.stderr)
+        return 2
+    _print(report, args.json, rebuilder.describe(report))
+    return 1 if report.differences else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_module.from_env()
@@ -175,10 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_serve(args, settings))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "project":
-        return _project(args, settings)
-    if args.command == "worker":
-        return _work(args, settings)
+    run = {"project": _project, "worker": _work, "projections": _rebuild}.get(args.command)
+    if run is not None:
+        return run(args, settings)
+    if args.command == "audit":
+        return audit_cli.run(args, settings)
     try:
         log = open_event_log(settings)
     except InfraError as e:

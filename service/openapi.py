@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from commands import routes as write_routes
 from infra import apidoc
-from readapi import dashboard, forecasts, scenarios, usage
+from readapi import audit, dashboard, forecasts, pointintime, scenarios, usage
 from service import errors, health
 
 TITLE = "AccuBooks planning core"
@@ -116,6 +116,8 @@ OPERATIONS: tuple[apidoc.Operation, ...] = (
     *forecasts.operations,
     *dashboard.operations,
     *usage.operations,
+    *audit.operations,
+    *pointintime.operations,
 )
 
 

@@ -1,0 +1,308 @@
+"""Rebuild speed on PostgreSQL: write a log of --events events (100 aggregates per save),
+build the live read models with `accubooks projections rebuild --switch`, then time
+`accubooks projections rebuild --verify` of every read model against them: events/s and
+the peak RSS of each command's process (it streams the log, so memory must not grow with
+it).
+
+Run from the repository root (needs PostgreSQL on 127.0.0.1:5432, trust auth, user postgres):
+
+    .venv/bin/python -m perf.rebuild_bench --events 1000000
+
+Options: --events 1000000 --batch-size 2000 --budget-s 3600. It creates and drops its own
+database (perf_<random>), writes perf/reports/rebuild.md and perf/reports/rebuild.json,
+and exits 1 when a phase does not finish within the budget or the verify finds a difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import psycopg
+
+from commands import tenants
+from commands.context import Collaborators
+from domain import scenario_spec as spec
+from domain.events import Actor
+from domain.forecast import Forecast
+from domain.scenario import Scenario
+from infra.clock import utc_now
+from infra.eventstore import EventLog, open_event_log
+from infra.settings import Settings
+from perf.harness import ROOT, Deadline, git_head, postgres_database, write_report
+from projections import rebuild as rebuilder
+
+SAVE_AGGREGATES = 100
+TENANTS = 10
+POLL_S = 0.2
+BASELINE = spec.baseline_from_payload(
+    {
+        "startMonth": "2026-01",
+        "openingCash": "250000.00",
+        "monthlyRevenue": "40000.00",
+        "monthlyCosts": "35000.50",
+        "revenueGrowthRate": 0.02,
+        "costGrowthRate": 0.01,
+    }
+)
+ASSUMPTIONS = [
+    spec.assumptions_from_payload(a)
+    for a in (
+        {"type": "HIRING", "headcount": 2, "monthlyCostPerHead": "6500"},
+        {"type": "COST_REDUCTION", "percent": 10},
+        {"type": "REVENUE_INCREASE", "percent": 5},
+        {"type": "PRICE_CHANGE", "percent": 3, "churnPercent": 1},
+        {"type": "CUSTOM", "revenuePercent": 1, "costPercent": 2, "oneOffCash": "1000"},
+    )
+]
+
+
+class Run(msgspec.Struct, frozen=True, kw_only=True):
+    command: str
+    exit_code: int
+    seconds: float
+    events: int
+    events_per_s: float
+    replay_seconds: float
+    differences: int
+    peak_rss_mb: float
+    cpu_seconds: float
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    events: int
+    write_seconds: float
+    write_events_per_s: float
+    batch_size: int
+    switch: Run | None
+    verify: Run | None
+    finished: bool
+    machine: dict[str, Any]
+
+
+def write_log(log: EventLog, events: int, deadline: Deadline) -> int:
+    """About ``events`` events: per scenario a creation and a rename, two forecast
+    requests, every tenth scenario archived; SAVE_AGGREGATES aggregates per save."""
+    deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
+    tenant_ids = [tenants.create_tenant(deps, f"Tenant {n}").tenant_id for n in range(TENANTS)]
+    written, index = len(tenant_ids), 0
+    pending: list[Scenario | Forecast] = []
+    while written < events or pending:
+        if deadline.expired():
+            raise SystemExit("the budget ran out while writing the log")
+        if written >= events or len(pending) >= SAVE_AGGREGATES:
+            log.save(*pending)
+            pending.clear()
+            continue
+        tenant_id = tenant_ids[index % TENANTS]
+        actor = Actor(tenant_id=tenant_id, actor_id="bench", request_id=str(index))
+        now = utc_now()
+        scenario = Scenario.create(
+            actor,
+            scenario_id=uuid.uuid4(),
+            name=f"Scenario {index}",
+            baseline=BASELINE,
+            assumptions=ASSUMPTIONS[index % len(ASSUMPTIONS)],
+            at=now,
+        )
+        scenario.update(actor, name=f"Scenario {index} renamed", at=now)
+        requested = [
+            Forecast.request(
+                actor,
+                forecast_id=uuid.uuid4(),
+                scenario=scenario,
+                horizon_months=12,
+                paths=100,
+                at=now,
+            )
+            for _ in range(2)
+        ]
+        if index % 10 == 0:
+            scenario.archive(actor, at=now)
+        pending.extend([scenario, *requested])
+        written += scenario.version + len(requested)
+        index += 1
+    return log.position()
+
+
+@dataclass
+class Child:
+    exit_code: int
+    seconds: float
+    peak_rss_mb: float
+    cpu_seconds: float
+    stdout: str
+    stderr: str
+
+
+def run_cli(settings: Settings, args: list[str], deadline: Deadline) -> Child | None:
+    """`accubooks ARGS` in its own process; its exit code, wall time, peak RSS and CPU
+    (from wait4), or None when the budget ran out (it is killed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCUBOOKS_")}
+    env.pop("REDIS_URL", None)
+    env.pop("BROKER_URL", None)
+    env["DATABASE_URL"] = settings.database_url or ""
+    env["ACCUBOOKS_DATA_DIR"] = settings.data_dir
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline.expired():
+                proc.kill()
+                proc.wait()
+                return None
+            time.sleep(POLL_S)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - started
+        out.seek(0)
+        err.seek(0)
+        return Child(
+            exit_code=proc.returncode,
+            seconds=seconds,
+            peak_rss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
+            stdout=out.read(),
+            stderr=err.read()[-3000:],
+        )
+
+
+def timed(settings: Settings, args: list[str], deadline: Deadline) -> Run | None:
+    child = run_cli(settings, [*args, "--json"], deadline)
+    command = "accubooks " + " ".join([*args, "--json"])
+    if child is None:
+        print(f"{command}: did not finish within the budget", flush=True)
+        return None
+    if child.exit_code not in (0, 1):
+        print(f"{command}: exit {child.exit_code}\n{child.stderr}", flush=True)
+        return None
+    report = json.loads(child.stdout)
+    run = Run(
+        command=command,
+        exit_code=child.exit_code,
+        seconds=round(child.seconds, 2),
+        events=report["events"],
+        events_per_s=round(report["events"] / child.seconds, 1),
+        replay_seconds=report["replaySeconds"],
+        differences=report["differences"],
+        peak_rss_mb=round(child.peak_rss_mb, 1),
+        cpu_seconds=round(child.cpu_seconds, 2),
+    )
+    print(f"{command}: {run}", flush=True)
+    return run
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        "# Rebuild benchmark: `accubooks projections rebuild` on PostgreSQL",
+        "",
+        f"`.venv/bin/python -m perf.rebuild_bench --events {report.events}"
+        f" --batch-size {report.batch_size}` — {'ok' if report.finished else 'NOT FINISHED'}",
+        "",
+        f"Log: {report.events:,} events written in {report.write_seconds:.1f} s"
+        f" ({report.write_events_per_s:,.0f} events/s, {SAVE_AGGREGATES} aggregates per"
+        " save: per scenario a creation, a rename and two forecast requests, every tenth"
+        f" archived; {TENANTS} tenants).",
+        "",
+        "| command | exit | s | events read | events/s | first replay s |"
+        " differences | peak RSS MB | CPU s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for run in (report.switch, report.verify):
+        if run is not None:
+            lines.append(
+                f"| `{run.command}` | {run.exit_code} | {run.seconds:.1f} | {run.events:,} |"
+                f" {run.events_per_s:,.0f} | {run.replay_seconds:.1f} | {run.differences} |"
+                f" {run.peak_rss_mb:.0f} | {run.cpu_seconds:.1f} |"
+            )
+    lines += [
+        "",
+        "`--switch` replays the log into empty shadow tables of every read model and moves"
+        " them in place of the live ones (here: the live read models are built this way)."
+        " `--verify` replays again into fresh shadows, then compares each with its live"
+        " read model row by row at the live model's position (one full join per table in"
+        " the database). Events/s is the events read from the log (each applied to all"
+        " six read models) over the command's whole wall time, process start included;"
+        " the first-replay column is the part spent replaying from position 0, the rest"
+        " is catching up, comparing and switching. Peak RSS is the command's own process"
+        " (wait4), which streams the log in batches.",
+        "",
+        f"Machine: {json.dumps(report.machine)}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=rebuilder.DEFAULT_BATCH)
+    parser.add_argument("--budget-s", type=float, default=3600.0)
+    args = parser.parse_args()
+    deadline = Deadline(time.monotonic() + args.budget_s)
+    machine: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "load_average_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_head": git_head(),
+    }
+    with postgres_database() as url, tempfile.TemporaryDirectory() as data_dir:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            machine["postgres"] = row[0] if row else "?"
+        settings = Settings(database_url=url, data_dir=data_dir)
+        log = open_event_log(settings)
+        try:
+            started = time.monotonic()
+            end = write_log(log, args.events, deadline)
+            write_s = time.monotonic() - started
+        finally:
+            log.close()
+        print(f"log written: {end:,} events in {write_s:.1f} s", flush=True)
+        batch = ["--batch-size", str(args.batch_size)]
+        switch = timed(settings, ["projections", "rebuild", "--switch", *batch], deadline)
+        verify = None
+        if switch is not None:
+            verify = timed(settings, ["projections", "rebuild", "--verify", *batch], deadline)
+    machine["load_average_end"] = os.getloadavg()[0]
+    machine["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    finished = verify is not None and verify.exit_code == 0
+    report = Report(
+        events=end,
+        write_seconds=round(write_s, 2),
+        write_events_per_s=round(end / write_s, 1),
+        batch_size=args.batch_size,
+        switch=switch,
+        verify=verify,
+        finished=finished,
+        machine=machine,
+    )
+    text = markdown(report)
+    print(text)
+    write_report("rebuild", text, report)
+    return 0 if finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
