@@ -1,5 +1,6 @@
 """Rebuild speed on PostgreSQL: write a log of --events events (100 aggregates per save),
-build the live read models with `accubooks projections rebuild --switch`, then time
+build the live read models with `accubooks projections rebuild --switch`, time
+`accubooks audit verify` over every tenant's chain, then time
 `accubooks projections rebuild --verify` of every read model against them: events/s and
 the peak RSS of each command's process (it streams the log, so memory must not grow with
 it).
@@ -81,6 +82,19 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     cpu_seconds: float
 
 
+class AuditRun(msgspec.Struct, frozen=True, kw_only=True):
+    """`accubooks audit verify` over the whole log (every tenant's chain)."""
+
+    command: str
+    exit_code: int
+    seconds: float
+    events: int
+    events_per_s: float
+    findings: int
+    peak_rss_mb: float
+    cpu_seconds: float
+
+
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     events: int
     write_seconds: float
@@ -88,6 +102,7 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
     switch: Run | None
     verify: Run | None
+    audit_verify: AuditRun | None
     finished: bool
     machine: dict[str, Any]
 
@@ -213,6 +228,27 @@ def timed(settings: Settings, args: list[str], deadline: Deadline) -> Run | None
     return run
 
 
+def audit_verify(settings: Settings, deadline: Deadline) -> AuditRun | None:
+    command = "accubooks audit verify --json"
+    child = run_cli(settings, ["audit", "verify", "--json"], deadline)
+    if child is None or child.exit_code not in (0, 1):
+        print(f"{command}: failed\n{child.stderr if child else 'over budget'}", flush=True)
+        return None
+    found = json.loads(child.stdout)
+    run = AuditRun(
+        command=command,
+        exit_code=child.exit_code,
+        seconds=round(child.seconds, 2),
+        events=found["eventsRead"],
+        events_per_s=round(found["eventsRead"] / child.seconds, 1),
+        findings=len(found["findings"]) + found["logFindings"],
+        peak_rss_mb=round(child.peak_rss_mb, 1),
+        cpu_seconds=round(child.cpu_seconds, 2),
+    )
+    print(f"{command}: {run}", flush=True)
+    return run
+
+
 def markdown(report: Report) -> str:
     lines = [
         "# Rebuild benchmark: `accubooks projections rebuild` on PostgreSQL",
@@ -236,6 +272,19 @@ def markdown(report: Report) -> str:
                 f" {run.events_per_s:,.0f} | {run.replay_seconds:.1f} | {run.differences} |"
                 f" {run.peak_rss_mb:.0f} | {run.cpu_seconds:.1f} |"
             )
+    if report.audit_verify is not None:
+        a = report.audit_verify
+        lines += [
+            "",
+            "| command | exit | s | events read | events/s | findings | peak RSS MB | CPU s |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+            f"| `{a.command}` | {a.exit_code} | {a.seconds:.1f} | {a.events:,} |"
+            f" {a.events_per_s:,.0f} | {a.findings} | {a.peak_rss_mb:.0f} | {a.cpu_seconds:.1f} |",
+            "",
+            "`audit verify` recomputes every tenant's hash chain from the raw stored events"
+            " and compares it with the audit read model's chain (built by the `--switch` run);"
+            " events/s over the command's whole wall time, process start included.",
+        ]
     lines += [
         "",
         "`--switch` replays the log into empty shadow tables of every read model and moves"
@@ -282,12 +331,18 @@ def main() -> int:
         print(f"log written: {end:,} events in {write_s:.1f} s", flush=True)
         batch = ["--batch-size", str(args.batch_size)]
         switch = timed(settings, ["projections", "rebuild", "--switch", *batch], deadline)
-        verify = None
+        verify = checked = None
         if switch is not None:
+            checked = audit_verify(settings, deadline)
             verify = timed(settings, ["projections", "rebuild", "--verify", *batch], deadline)
     machine["load_average_end"] = os.getloadavg()[0]
     machine["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    finished = verify is not None and verify.exit_code == 0
+    finished = (
+        verify is not None
+        and verify.exit_code == 0
+        and checked is not None
+        and checked.exit_code == 0
+    )
     report = Report(
         events=end,
         write_seconds=round(write_s, 2),
@@ -295,6 +350,7 @@ def main() -> int:
         batch_size=args.batch_size,
         switch=switch,
         verify=verify,
+        audit_verify=checked,
         finished=finished,
         machine=machine,
     )
