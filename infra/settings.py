@@ -39,6 +39,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Longest a read sent with X-Consistency-Token waits for the read models to reach it
     # (then 503 OPERATION_TIMEOUT, operation read_your_writes).
     read_your_writes_timeout_s: PositiveSeconds = 2.0
+    # After SIGTERM an API process goes on serving this long while /health/ready answers
+    # 503 (so load balancers take it out), then stops accepting and finishes the requests
+    # in flight. Set it a little over the load balancer's readiness period.
+    shutdown_drain_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # API processes log JSON lines from this level on; INFO includes one access line per
     # request, WARNING leaves only problems.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -50,6 +54,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # processes, so there workers poll.
     projection_wakeup_s: PositiveSeconds = 1.0
     projection_poll_s: PositiveSeconds = 0.05
+    # A batch whose projector raises (a bug or an event it cannot handle, not a store
+    # failure) is tried this many times, waiting projection_retry_s, doubled each time;
+    # then the failing event is found and parked, and the projection goes on without it.
+    projection_attempts: PositiveInt = 3
+    projection_retry_s: PositiveSeconds = 0.2
+    # Parked events one projection may hold before it stops parking and waits instead
+    # (a bug that fails every event must block the read model, not hollow it out).
+    projection_max_parked: PositiveInt = 100
 
     # Forecast jobs.
     forecast_queue_limit: PositiveInt = 100

@@ -1,7 +1,9 @@
 """Read-model storage. Each projection keeps its tables behind one of the eventsourcing
 library's tracking recorders, so the rows of a batch and the position they reach commit
 in one transaction: every event is applied exactly once, and a second worker that tried
-to apply the same batch would fail on the tracking row and roll back.
+to apply the same batch would fail on the tracking row and roll back. Beside its own
+tables, every read model has ``<name>_parked``: the events its projector failed on, each
+recorded in the transaction that moved the position past it (see projections.parking).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
+import msgspec
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import InfrastructureFactory, Notification, Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
@@ -20,6 +23,7 @@ from psycopg.sql import SQL, Composed
 from infra import locks
 from infra.eventstore import EventLog, projection_env
 from infra.settings import Settings
+from projections.errors import NotParkedError
 
 Positioned = tuple[DomainEventProtocol[Any], int]
 
@@ -86,6 +90,44 @@ class StoredEventProjector(Projector, Protocol):
     ) -> None: ...
 
 
+class ParkedEvent(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An event a projection skipped because its projector kept failing on it."""
+
+    projection: str
+    position: int
+    aggregate_id: str
+    aggregate_version: int
+    topic: str
+    error_type: str
+    error_message: str
+    # When the first attempt of a batch holding it failed (RFC 3339, UTC).
+    first_failed_at: str
+    # Failed attempts before it was parked (the batch's, then its own).
+    attempts: int
+
+
+_PARKED_COLUMNS = (
+    "position, aggregate_id, aggregate_version, topic, error_type, error_message,"
+    " first_failed_at, attempts"
+)
+
+
+def parked_table(name: str) -> str:
+    return f"{name}_parked"
+
+
+def model_ddl(projector: Projector) -> list[str]:
+    """Every table of the projector's read model: its own and its parked events'."""
+    return [
+        *projector.ddl(),
+        f"CREATE TABLE IF NOT EXISTS {parked_table(projector.name)} ("
+        " position BIGINT PRIMARY KEY, aggregate_id TEXT NOT NULL,"
+        " aggregate_version BIGINT NOT NULL, topic TEXT NOT NULL, error_type TEXT NOT NULL,"
+        " error_message TEXT NOT NULL, first_failed_at TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL)",
+    ]
+
+
 class _ReadModel:
     projector: Projector
     is_postgres: bool
@@ -95,12 +137,16 @@ class _ReadModel:
         events: Sequence[Positioned],
         position: int,
         notifications: Sequence[Notification] | None = None,
+        *,
+        parked: ParkedEvent | None = None,
     ) -> None:
         """Applies ``events`` and moves the tracking position to ``position`` atomically.
         ``notifications`` are the same events as stored (needed by a
-        StoredEventProjector). The tracking row is written first: it takes the write lock
-        at once, and a stale position (another worker got there first) fails before any
-        row changes."""
+        StoredEventProjector). With ``parked`` (the event at ``position``, after
+        ``events``), records it as parked instead of applying it: the position moves past
+        it exactly once, and it is never lost. The tracking row is written first: it takes
+        the write lock at once, and a stale position (another worker got there first)
+        fails before any row changes."""
         with self.datastore.transaction(commit=True) as cursor:  # type: ignore[attr-defined]
             if self.is_postgres:
                 # A view and its position are lost or kept together, so a crash may only
@@ -111,14 +157,62 @@ class _ReadModel:
                 cursor.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             self._insert_tracking(cursor, Tracking(EventLog.name, position))  # type: ignore[attr-defined]
             tx = Tx(cursor, postgres=self.is_postgres)
-            apply_stored = getattr(self.projector, "apply_stored", None)
-            if apply_stored is None:
-                self.projector.apply(tx, events)
-            elif notifications is None:
-                raise ValueError(f"the {self.projector.name} read model needs the stored events")
-            else:
-                pairs = zip(events, notifications, strict=True)
-                apply_stored(tx, [(event, stored) for (event, _), stored in pairs])
+            if events:
+                self._apply(tx, events, notifications)
+            if parked is not None:
+                tx.execute(
+                    f"INSERT INTO {parked_table(self.projector.name)} ({_PARKED_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        parked.position,
+                        parked.aggregate_id,
+                        parked.aggregate_version,
+                        parked.topic,
+                        parked.error_type,
+                        parked.error_message,
+                        parked.first_failed_at,
+                        parked.attempts,
+                    ],
+                )
+
+    def apply_parked(self, event: Positioned, notification: Notification) -> None:
+        """Applies a parked event now (after the events that followed it) and removes its
+        parked row, in one transaction; the tracking position stays where it is. Its row
+        is deleted first (PostgreSQL: after locking the tracking table), which orders
+        this transaction with a live worker's batches: they write the tracking row first."""
+        name = self.projector.name
+        with self.datastore.transaction(commit=True) as cursor:  # type: ignore[attr-defined]
+            tx = Tx(cursor, postgres=self.is_postgres)
+            if self.is_postgres:
+                tx.execute(f"LOCK TABLE {self.tracking_table_name} IN EXCLUSIVE MODE")  # type: ignore[attr-defined]
+            tx.execute(
+                f"DELETE FROM {parked_table(name)} WHERE position = ? RETURNING position",
+                [event[1]],
+            )
+            if not tx.fetchall():
+                # Replayed meanwhile by someone else (or never parked): never apply twice.
+                raise NotParkedError(f"no event is parked at {event[1]} in {name}")
+            self._apply(tx, [event], [notification])
+
+    def parked(self) -> list[ParkedEvent]:
+        """The events parked by this read model, by position."""
+        name = self.projector.name
+        with self.datastore.transaction(commit=False) as cursor:  # type: ignore[attr-defined]
+            tx = Tx(cursor, postgres=self.is_postgres)
+            tx.execute(f"SELECT {_PARKED_COLUMNS} FROM {parked_table(name)} ORDER BY position")
+            return [ParkedEvent(projection=name, **row) for row in map(dict, tx.fetchall())]
+
+    def _apply(
+        self, tx: Tx, events: Sequence[Positioned], notifications: Sequence[Notification] | None
+    ) -> None:
+        apply_stored = getattr(self.projector, "apply_stored", None)
+        if apply_stored is None:
+            self.projector.apply(tx, events)
+        elif notifications is None:
+            raise ValueError(f"the {self.projector.name} read model needs the stored events")
+        else:
+            pairs = zip(events, notifications, strict=True)
+            apply_stored(tx, [(event, stored) for (event, _), stored in pairs])
 
     def position(self) -> int:
         found: int | None = self.max_tracking_id(EventLog.name)  # type: ignore[attr-defined]
@@ -130,7 +224,7 @@ class PostgresReadModel(_ReadModel, PostgresTrackingRecorder):
 
     def install(self, projector: Projector) -> None:
         self.projector = projector
-        self.sql_create_statements.extend(Composed([SQL(sql)]) for sql in projector.ddl())
+        self.sql_create_statements.extend(Composed([SQL(sql)]) for sql in model_ddl(projector))
 
 
 class SQLiteReadModel(_ReadModel, SQLiteTrackingRecorder):
@@ -138,7 +232,7 @@ class SQLiteReadModel(_ReadModel, SQLiteTrackingRecorder):
 
     def install(self, projector: Projector) -> None:
         self.projector = projector
-        self.create_table_statements.extend(projector.ddl())
+        self.create_table_statements.extend(model_ddl(projector))
 
 
 ReadModel = PostgresReadModel | SQLiteReadModel

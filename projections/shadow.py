@@ -29,6 +29,7 @@ from projections.readmodel import (
     ReadModel,
     SQLiteReadModel,
     Tx,
+    model_ddl,
 )
 
 SHADOW_SCHEMA = "accubooks_shadow"
@@ -39,7 +40,8 @@ _SWITCH_LOCK_WAIT_MS = 250
 
 
 def tables_of(projector: Projector) -> list[str]:
-    return re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", " ".join(projector.ddl()))
+    # With its parked events: a rebuilt model has applied them all, so a switch empties it.
+    return re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", " ".join(model_ddl(projector)))
 
 
 def shadow_file(settings: Settings, name: str) -> str:
@@ -262,7 +264,7 @@ def _switch_sqlite(live: SQLiteReadModel, rebuilt: SQLiteReadModel) -> None:
     ):
         for table in tables:
             cursor.execute(f"DROP TABLE IF EXISTS main.{quoted(table)}")
-        for statement in live.projector.ddl():
+        for statement in model_ddl(live.projector):
             cursor.execute(statement)  # unqualified: main, the live file
         for table in tables:
             cursor.execute("SELECT name FROM pragma_table_info(?, 'shadow') ORDER BY cid", (table,))

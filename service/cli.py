@@ -31,7 +31,7 @@ from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
 from projections import rebuild as rebuilder
 from projections.errors import RebuildError
-from service import audit_cli, logs, wiring
+from service import audit_cli, draining, logs, parking_cli, wiring
 from service.app import create_app
 
 
@@ -57,14 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", type=UUID)
     revoke.add_argument("--json", action="store_true", help="machine-readable output")
 
-    rebuild = (
-        sub.add_parser("projections", help="maintain the read models")
-        .add_subparsers(dest="action", required=True)
-        .add_parser(
-            "rebuild",
-            help="replay the log into shadow read models; diff with --verify, replace with"
-            " --switch (exit 1 when the diff found differences)",
-        )
+    projection_cmds = sub.add_parser("projections", help="maintain the read models").add_subparsers(
+        dest="action", required=True
+    )
+    rebuild = projection_cmds.add_parser(
+        "rebuild",
+        help="replay the log into shadow read models; diff with --verify, replace with"
+        " --switch (exit 1 when the diff found differences)",
     )
     rebuild.add_argument("names", nargs="*", metavar="NAME", help="read models (default: all)")
     rebuild.add_argument(
@@ -83,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"events per transaction (default {rebuilder.DEFAULT_BATCH})",
     )
     rebuild.add_argument("--json", action="store_true", help="print the report as JSON")
+    parking_cli.add_parsers(projection_cmds)
 
     project = sub.add_parser("project", help="run the projection workers until stopped")
     project.add_argument("--json", action="store_true", help="print progress as JSON lines")
@@ -136,7 +136,7 @@ async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = draining.DrainingServer(config, app, drain_s=settings.shutdown_drain_s)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
@@ -198,6 +198,13 @@ def _work(args: argparse.Namespace, settings: settings_module.Settings) -> int:
     return 0
 
 
+def _projections(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    if args.action == "rebuild":
+        return _rebuild(args, settings)
+    # No dispatcher: its parked events would need a broker to replay to.
+    return parking_cli.run(args, settings, wiring.projectors())
+
+
 def _rebuild(args: argparse.Namespace, settings: settings_module.Settings) -> int:
     """`projections rebuild`: 0 when every verified read model matched, 1 when one differs,
     2 when the rebuild could not be done."""
@@ -241,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_serve(args, settings))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run = {"project": _project, "worker": _work, "projections": _rebuild}.get(args.command)
+    run = {"project": _project, "worker": _work, "projections": _projections}.get(args.command)
     if run is not None:
         return run(args, settings)
     if args.command == "audit":

@@ -1,7 +1,8 @@
 """Liveness and readiness. /health/live answers while the process does. /health/ready
 checks the database (critical: 503 SERVICE_UNAVAILABLE when the event store or the read
 models do not answer) and the signals that only make the service degraded (200, status
-"degraded"): forecast queue depth, projection lag and, once the cache exists, Redis."""
+"degraded"): forecast queue depth, projection lag, events parked by a failing projector
+and, once the cache exists, Redis."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from infra.errors import StoreUnavailableError
 from infra.eventstore import EventLog
 from infra.readstore import ReadStore
 from infra.settings import Settings
+from projections.readmodel import parked_table
 from readapi.cache import ReadCache
-from service import errors
+from service import draining, errors
 from service.status import CACHE_MESSAGE
 
 STATUS_HEADER = "X-Service-Status"
@@ -49,12 +51,14 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True):
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True):
     """How far the read models have got: the log's head position, each projection's
-    tracking position, the forecast queue's depth and, when asked for, when the oldest
-    event each lagging projection has not applied yet happened."""
+    tracking position, the forecast queue's depth, each projection's parked events and,
+    when asked for, when the oldest event each lagging projection has not applied yet
+    happened."""
 
     head: int
     positions: dict[str, int]
     queue_depth: int
+    parked: dict[str, int] = {}
     behind_since: dict[str, datetime] = {}
 
 
@@ -84,6 +88,23 @@ def tracking_positions(store: ReadStore, projections: Sequence[str]) -> dict[str
             for row in store.query(name, sql, [EventLog.name])
         ]
     return {str(row["projection"]): int(row["position"]) for row in rows}
+
+
+def parked_counts(store: ReadStore, projections: Sequence[str]) -> dict[str, int]:
+    """Each read model's parked events (skipped after its projector kept failing)."""
+    # Table and projection names come from our own projector names, never from a request.
+    statements = {
+        name: f"SELECT '{name}' AS projection, COUNT(*) AS parked"  # noqa: S608
+        f" FROM {parked_table(name)}"
+        for name in projections
+    }
+    if not statements:
+        return {}
+    if store.postgres:
+        rows = store.query(projections[0], " UNION ALL ".join(statements.values()))
+    else:
+        rows = [row for name, sql in statements.items() for row in store.query(name, sql)]
+    return {str(row["projection"]): int(row["parked"]) for row in rows}
 
 
 def queue_depth(store: ReadStore) -> int:
@@ -191,6 +212,11 @@ class ReadinessProbe:
                 progress.queue_depth, queue_threshold, "forecast queue nearly full"
             ),
             "projectionLag": _over(lag, self._max_lag, "read models lag behind the log"),
+            "parkedEvents": _over(
+                sum(progress.parked.values()),
+                0,
+                "a projection skipped events it failed on: see `accubooks projections parked`",
+            ),
         }
         degraded = any(c.status == "degraded" for c in checks.values())
         return Readiness(status="degraded" if degraded else "ok", checks=checks)
@@ -202,6 +228,7 @@ class ReadinessProbe:
         head = self._log.position()
         positions = tracking_positions(self._store, self._projections)
         depth = queue_depth(self._store)
+        parked = parked_counts(self._store, self._projections)
         behind_since: dict[str, datetime] = {}
         if ages:
             seen: dict[int, datetime | None] = {}
@@ -214,7 +241,11 @@ class ReadinessProbe:
                 if found is not None:
                     behind_since[name] = found
         return Progress(
-            head=head, positions=positions, queue_depth=depth, behind_since=behind_since
+            head=head,
+            positions=positions,
+            queue_depth=depth,
+            parked=parked,
+            behind_since=behind_since,
         )
 
 
@@ -232,6 +263,8 @@ async def live(_: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    if draining.is_draining(request):
+        return errors.error_response(request, "SERVICE_UNAVAILABLE", "the process is draining")
     probe: ReadinessProbe = request.state.readiness
     try:
         report = await probe.readiness()

@@ -3,8 +3,9 @@
 Counters and histograms are counted by each process into prometheus_client's series
 (infra.metrics). With PROMETHEUS_MULTIPROC_DIR set before the process starts, each process
 keeps its values in files there and a scrape of any process adds up all of them. The
-database gauges (projection lag, queue depth) are measured by the scraping process at
-scrape time instead, so they are right in both modes and never summed over processes.
+database gauges (projection lag, parked events, queue depth) are measured by the scraping
+process at scrape time instead, so they are right in both modes and never summed over
+processes (a parked event is recorded by a projection process, and scraped from any API).
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ class StoreGauges:
             seconds.add_metric([name], age_s)
         yield events
         yield seconds
+        parked = GaugeMetricFamily(
+            "accubooks_projection_parked_events",
+            "Events the projection skipped because its projector kept failing on them",
+            labels=["projection"],
+        )
+        for name, count in sorted(progress.parked.items()):
+            parked.add_metric([name], count)
+        yield parked
         yield GaugeMetricFamily(
             "accubooks_forecast_queue_depth",
             "Forecasts queued or running, all tenants",
