@@ -8,7 +8,7 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from infra.errors import PayloadTooLargeError, RequestValidationError, UnsupportedMediaTypeError
 
@@ -39,11 +39,18 @@ async def read_body(request: Request, *, max_bytes: int, empty_ok: bool = False)
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLargeError(f"request body is over {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-body: its fault, never a server error (and nothing
+        # of a partial body is acted on). Nobody may be left to read the answer.
+        raise RequestValidationError(
+            "the client closed the request before its whole body arrived"
+        ) from None
     body = b"".join(chunks)
     if empty_ok and not body:
         return b"{}"
