@@ -32,8 +32,6 @@ import msgspec
 from commands import tenants
 from commands.context import Collaborators
 from domain.events import Actor
-from domain.forecast import Forecast
-from domain.scenario import Scenario
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
@@ -47,7 +45,7 @@ from perf.harness import (
 )
 from perf.machine import postgres_version
 from perf.processes import accubooks
-from perf.seeding import ASSUMPTIONS, BASELINE, SAVE_AGGREGATES, SCENARIO_BODY, SaveBatch
+from perf.seeding import SAVE_AGGREGATES, SCENARIO_BODY, SaveBatch, scenario_history
 from projections.readmodel import Projector
 from projections.runner import ProjectionRunner
 from service import wiring
@@ -135,31 +133,9 @@ def write_bulk(log: EventLog, events: int, deadline: Deadline) -> Throughput:
         actor = Actor(
             tenant_id=tenant_ids[index % len(tenant_ids)], actor_id="bench", request_id=str(index)
         )
-        now = utc_now()
-        scenario = Scenario.create(
-            actor,
-            scenario_id=uuid.uuid4(),
-            name=f"Scenario {index}",
-            baseline=BASELINE,
-            assumptions=ASSUMPTIONS[index % len(ASSUMPTIONS)],
-            at=now,
-        )
-        scenario.update(actor, name=f"Scenario {index} renamed", at=now)
-        requested = [
-            Forecast.request(
-                actor,
-                forecast_id=uuid.uuid4(),
-                scenario=scenario,
-                horizon_months=12,
-                paths=100,
-                at=now,
-            )
-            for _ in range(2)
-        ]
-        if index % 10 == 0:
-            scenario.archive(actor, at=now)
-        batch.add(scenario, *requested)
-        written += scenario.version + len(requested)
+        aggregates, count = scenario_history(actor, index)
+        batch.add(*aggregates)
+        written += count
         index += 1
     batch.flush()
     return _throughput(written, started, cpu)

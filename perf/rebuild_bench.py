@@ -35,7 +35,6 @@ import psycopg
 
 from commands import tenants
 from commands.context import Collaborators
-from domain import scenario_spec as spec
 from domain.events import Actor
 from domain.forecast import Forecast
 from domain.scenario import Scenario
@@ -43,31 +42,11 @@ from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
 from perf.harness import ROOT, Deadline, git_head, postgres_database, write_report
+from perf.seeding import SAVE_AGGREGATES, scenario_history
 from projections import rebuild as rebuilder
 
-SAVE_AGGREGATES = 100
 TENANTS = 10
 POLL_S = 0.2
-BASELINE = spec.baseline_from_payload(
-    {
-        "startMonth": "2026-01",
-        "openingCash": "250000.00",
-        "monthlyRevenue": "40000.00",
-        "monthlyCosts": "35000.50",
-        "revenueGrowthRate": 0.02,
-        "costGrowthRate": 0.01,
-    }
-)
-ASSUMPTIONS = [
-    spec.assumptions_from_payload(a)
-    for a in (
-        {"type": "HIRING", "headcount": 2, "monthlyCostPerHead": "6500"},
-        {"type": "COST_REDUCTION", "percent": 10},
-        {"type": "REVENUE_INCREASE", "percent": 5},
-        {"type": "PRICE_CHANGE", "percent": 3, "churnPercent": 1},
-        {"type": "CUSTOM", "revenuePercent": 1, "costPercent": 2, "oneOffCash": "1000"},
-    )
-]
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,31 +102,9 @@ def write_log(log: EventLog, events: int, deadline: Deadline) -> int:
             continue
         tenant_id = tenant_ids[index % TENANTS]
         actor = Actor(tenant_id=tenant_id, actor_id="bench", request_id=str(index))
-        now = utc_now()
-        scenario = Scenario.create(
-            actor,
-            scenario_id=uuid.uuid4(),
-            name=f"Scenario {index}",
-            baseline=BASELINE,
-            assumptions=ASSUMPTIONS[index % len(ASSUMPTIONS)],
-            at=now,
-        )
-        scenario.update(actor, name=f"Scenario {index} renamed", at=now)
-        requested = [
-            Forecast.request(
-                actor,
-                forecast_id=uuid.uuid4(),
-                scenario=scenario,
-                horizon_months=12,
-                paths=100,
-                at=now,
-            )
-            for _ in range(2)
-        ]
-        if index % 10 == 0:
-            scenario.archive(actor, at=now)
-        pending.extend([scenario, *requested])
-        written += scenario.version + len(requested)
+        aggregates, count = scenario_history(actor, index)
+        pending.extend(aggregates)
+        written += count
         index += 1
     return log.position()
 

@@ -54,6 +54,32 @@ ASSUMPTIONS = [
 ]
 
 SAVE_AGGREGATES = 100  # aggregates per save() when writing the log in bulk
+
+
+def scenario_history(actor: Actor, index: int) -> tuple[list[Scenario | Forecast], int]:
+    """One scenario's worth of a bulk log, as commands would write it: created, renamed,
+    two forecasts requested, every tenth archived. The aggregates and their event count."""
+    now = utc_now()
+    scenario = Scenario.create(
+        actor,
+        scenario_id=uuid.uuid4(),
+        name=f"Scenario {index}",
+        baseline=BASELINE,
+        assumptions=ASSUMPTIONS[index % len(ASSUMPTIONS)],
+        at=now,
+    )
+    scenario.update(actor, name=f"Scenario {index} renamed", at=now)
+    requested = [
+        Forecast.request(
+            actor, forecast_id=uuid.uuid4(), scenario=scenario, horizon_months=12, paths=100, at=now
+        )
+        for _ in range(2)
+    ]
+    if index % 10 == 0:
+        scenario.archive(actor, at=now)
+    return [scenario, *requested], scenario.version + len(requested)
+
+
 FORECAST_MONTHS = 24
 FORECAST_PATHS = 1000
 FAILED_EVERY = 25  # every 25th seeded forecast failed, the rest completed (one queued per tenant)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from infra.settings import Settings
 from tests.service.test_cli import PROJECT_ROOT, cli_env
@@ -24,6 +25,16 @@ class ApiProcess:
     url: str
     pid: int
     log_path: Path
+    # For tests that signal it and read its exit status.
+    process: subprocess.Popen[str]
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 0
 
 
 @contextmanager
@@ -49,9 +60,12 @@ def api_process(
         assert ready, f"`accubooks api` printed nothing: {log_path.read_text()[-3000:]}"
         line = process.stdout.readline()
         assert line, f"`accubooks api` exited ({process.poll()}): {log_path.read_text()[-3000:]}"
-        yield ApiProcess(url=json.loads(line)["url"], pid=process.pid, log_path=log_path)
+        yield ApiProcess(
+            url=json.loads(line)["url"], pid=process.pid, log_path=log_path, process=process
+        )
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         try:
             process.wait(timeout=PROCESS_DEADLINE_S)
         except subprocess.TimeoutExpired:

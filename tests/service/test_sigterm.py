@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -30,7 +26,7 @@ import pytest
 from commands.context import Collaborators
 from infra.settings import Settings
 from tests.conftest import Tenant, make_tenant, scenario_body
-from tests.service.test_cli import PROJECT_ROOT, cli_env
+from tests.service.processes import ApiProcess, api_process
 
 DRAIN_S = 1.0
 # The waiting read's budget: longer than the draining phase, so it is still in flight
@@ -41,56 +37,22 @@ UNREACHED_TOKEN = str(10**15)
 # From the signal to the exit: draining, the longest request in flight, the lifespan's
 # shutdown, with room for a slow machine.
 EXIT_BOUND_S = DRAIN_S + READ_YOUR_WRITES_S + 5.0
-PROCESS_DEADLINE_S = 60.0
 HTTP_TIMEOUT_S = 10.0
 POLL_S = 0.05
 
 
-@dataclass(frozen=True)
-class Running:
-    process: subprocess.Popen[str]
-    url: str
-    host: str
-    port: int
-
-
 @contextmanager
-def api(settings: Settings, log_path: Path, **env: str) -> Iterator[Running]:
-    """`accubooks api --port 0 --json`, its Popen kept so its exit status can be read;
-    killed on exit if still running."""
-    environment = {**cli_env(settings), "ACCUBOOKS_LOG_LEVEL": "WARNING", **env}
-    command = ["-m", "service.cli", "api", "--host", "127.0.0.1", "--port", "0", "--json"]
-    with log_path.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, *command],
-            cwd=PROJECT_ROOT,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    assert process.stdout is not None
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], PROCESS_DEADLINE_S)
-        assert ready, f"`accubooks api` printed nothing: {log_path.read_text()[-3000:]}"
-        line = process.stdout.readline()
-        assert line, f"`accubooks api` exited ({process.poll()}): {log_path.read_text()[-3000:]}"
-        url = json.loads(line)["url"]
-        parts = urlsplit(url)
-        assert parts.hostname is not None and parts.port is not None, url
-        yield Running(process=process, url=url, host=parts.hostname, port=parts.port)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=PROCESS_DEADLINE_S)
-        process.stdout.close()
+def api(settings: Settings, log_path: Path, **env: str) -> Iterator[ApiProcess]:
+    """`accubooks api`, quiet (no access lines), its Popen kept for its exit status."""
+    with api_process(settings, log_path, {"ACCUBOOKS_LOG_LEVEL": "WARNING", **env}) as running:
+        yield running
 
 
 class SlowCommand:
     """POST /api/scenarios over a raw socket: the headers and half the body now, the rest
     when the test says, so the request is in flight across the signal."""
 
-    def __init__(self, running: Running, tenant: Tenant, idempotency_key: str) -> None:
+    def __init__(self, running: ApiProcess, tenant: Tenant, idempotency_key: str) -> None:
         self.body = json.dumps(scenario_body(name="Created across a SIGTERM")).encode()
         self.sock = socket.create_connection((running.host, running.port), timeout=HTTP_TIMEOUT_S)
         head = (
