@@ -115,6 +115,7 @@ class TenantReads:
     key: str
     scenario_ids: list[str] = field(default_factory=list)
     forecast_ids: list[str] = field(default_factory=list)
+    tenant_id: str = ""
 
 
 @dataclass
@@ -134,20 +135,29 @@ def seed_tenants(
     forecasts: int,
     deadline: Deadline,
     tenant_name: str = "Read bench",
+    distinct_results: int = 0,
 ) -> tuple[SeedCounts, list[TenantReads]]:
     """Tenants and reader keys through the tenant commands; per tenant ``scenarios``
     scenarios with ``forecasts`` forecasts each, saved through the log in the order the
     commands and the job worker would save them: a scenario, then its forecasts (requested,
     started, completed with the real model's result; a few failed, one queued per tenant),
-    and after everything every tenth scenario archived."""
+    and after everything every tenth scenario archived.
+
+    ``distinct_results`` > 0 runs the model that many times per assumption type and gives
+    each completed forecast one of those results (same shape and size as its own would
+    be): the read path serves stored results, and a large seed would otherwise spend most
+    of its time in the model (about 12 ms per forecast here)."""
     deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
     counts = SeedCounts()
+    results: dict[tuple[int, int], Any] | None = {} if distinct_results > 0 else None
     reads: list[TenantReads] = []
     batch = SaveBatch(log)
     to_archive: list[tuple[Scenario, Actor]] = []
     for t in range(tenants):
         tenant_id = tenant_commands.create_tenant(deps, f"{tenant_name} {t}").tenant_id
-        tenant = TenantReads(key=tenant_commands.issue_key(deps, tenant_id, "reader").key)
+        tenant = TenantReads(
+            key=tenant_commands.issue_key(deps, tenant_id, "reader").key, tenant_id=str(tenant_id)
+        )
         reads.append(tenant)
         user = Actor(tenant_id=tenant_id, actor_id="bench", request_id=f"seed-{t}")
         worker = Actor(tenant_id=tenant_id, actor_id="worker", request_id=f"seed-{t}")
@@ -165,7 +175,14 @@ def seed_tenants(
             tenant.scenario_ids.append(str(scenario.id))
             counts.scenarios += 1
             made = [
-                _forecast(scenario, user, worker, index=s * forecasts + f, counts=counts)
+                _forecast(
+                    scenario,
+                    user,
+                    worker,
+                    index=s * forecasts + f,
+                    counts=counts,
+                    memo=None if results is None else (results, s, distinct_results),
+                )
                 for f in range(forecasts)
             ]
             tenant.forecast_ids.extend(str(forecast.id) for forecast in made)
@@ -180,11 +197,57 @@ def seed_tenants(
     return counts, reads
 
 
+def seed_large_tenant(
+    log: EventLog, *, scenarios: int, deadline: Deadline, name: str = "Large tenant"
+) -> TenantReads:
+    """One tenant with ``scenarios`` scenarios (created, nothing else), saved through the
+    log in batches as SaveBatch does; its reader key and scenario ids."""
+    deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
+    tenant_id = tenant_commands.create_tenant(deps, name).tenant_id
+    tenant = TenantReads(
+        key=tenant_commands.issue_key(deps, tenant_id, "reader").key, tenant_id=str(tenant_id)
+    )
+    user = Actor(tenant_id=tenant_id, actor_id="bench", request_id="seed-large")
+    batch = SaveBatch(log, size=1000)
+    for s in range(scenarios):
+        if s % 1000 == 0 and deadline.expired():
+            raise SystemExit("the budget ran out while seeding the large tenant")
+        scenario = Scenario.create(
+            user,
+            scenario_id=uuid.uuid4(),
+            name=f"Scenario {s}",
+            baseline=BASELINE,
+            assumptions=ASSUMPTIONS[s % len(ASSUMPTIONS)],
+            at=utc_now(),
+        )
+        tenant.scenario_ids.append(str(scenario.id))
+        batch.add(scenario)
+    batch.flush()
+    return tenant
+
+
+def writer_keys(log: EventLog, tenants: list[TenantReads]) -> list[str]:
+    """A writer key per tenant (same order), issued through the tenant commands."""
+    deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
+    return [
+        tenant_commands.issue_key(deps, uuid.UUID(tenant.tenant_id), "writer").key
+        for tenant in tenants
+    ]
+
+
 def _forecast(
-    scenario: Scenario, user: Actor, worker: Actor, *, index: int, counts: SeedCounts
+    scenario: Scenario,
+    user: Actor,
+    worker: Actor,
+    *,
+    index: int,
+    counts: SeedCounts,
+    memo: tuple[dict[tuple[int, int], Any], int, int] | None = None,
 ) -> Forecast:
     """A forecast of ``scenario``: the tenant's first stays queued, every FAILED_EVERY-th
-    failed, the others completed with the model's result for their own seed."""
+    failed, the others completed with the model's result for their own seed (or, with
+    ``memo`` = (results, scenario index, distinct), one of ``distinct`` results computed
+    once per assumption type)."""
     now = utc_now()
     forecast = Forecast.request(
         user,
@@ -203,16 +266,23 @@ def _forecast(
         counts.failed += 1
         return forecast
     started = time.perf_counter()
-    result = forecast_model.run_forecast(
-        scenario.baseline,
-        scenario.assumptions,
-        horizon_months=FORECAST_MONTHS,
-        paths=FORECAST_PATHS,
-        seed=forecast.id,
-    )
+    slot = None if memo is None else (memo[1] % len(ASSUMPTIONS), index % memo[2])
+    result = None if memo is None or slot is None else memo[0].get(slot)
+    if result is None:
+        result = msgspec.to_builtins(
+            forecast_model.run_forecast(
+                scenario.baseline,
+                scenario.assumptions,
+                horizon_months=FORECAST_MONTHS,
+                paths=FORECAST_PATHS,
+                seed=forecast.id,
+            )
+        )
+        if memo is not None and slot is not None:
+            memo[0][slot] = result
     forecast.complete(
         worker,
-        result=msgspec.to_builtins(result),
+        result=result,
         compute_seconds=round(time.perf_counter() - started, 6),
         at=utc_now(),
     )
