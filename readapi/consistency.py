@@ -1,6 +1,7 @@
 """Read-your-writes: a read that sends a command's ``X-Consistency-Token`` (a log
 position) is answered only once the projection it reads has reached that position,
-waiting at most ``ReadApi.read_your_writes_timeout_s`` (then 503 OPERATION_TIMEOUT).
+waiting at most ``ReadApi.read_your_writes_timeout_s`` (then 503 OPERATION_TIMEOUT). A
+token beyond the log's head was never issued: 400 VALIDATION_ERROR at once.
 
 Without the header nothing is queried. With it, one cheap statement when the projection
 is already there; otherwise the tracking position is polled with a short backoff
@@ -51,7 +52,18 @@ async def wait_for_token(request: Request, api: ReadApi, projection: str) -> Non
         return
     deadline = time.monotonic() + api.read_your_writes_timeout_s
     pause = _FIRST_PAUSE_S
+    checked_head = False
     while await run_in_threadpool(projection_position, api.store, projection) < token:
+        if not checked_head and api.log_head is not None:
+            # Tokens are positions of acknowledged commands, so never beyond the log's
+            # head: one that is was not issued by us, and waiting would only end in a 503.
+            checked_head = True
+            head = await run_in_threadpool(api.log_head)
+            if token > head:
+                raise QueryValidationError(
+                    f"{CONSISTENCY_HEADER} {token} is beyond the log's head ({head}):"
+                    " it is not a position any command was acknowledged at"
+                )
         left = deadline - time.monotonic()
         if left <= 0:
             raise ReadYourWritesTimeoutError(

@@ -47,6 +47,9 @@ class ReadApi:
     cache: ReadCache = field(default_factory=lambda: ReadCache(None, prefix="", ttls={}))
     # Audit reads answer only when the composition root gives these (readapi.audit).
     audit: AuditTools | None = None
+    # The event log's head position (blocking): a consistency token beyond it was never
+    # issued, and is refused at once instead of waited on (readapi.consistency).
+    log_head: Callable[[], int] | None = None
 
 
 async def read_context(request: Request) -> tuple[ReadApi, auth.Principal]:

@@ -102,6 +102,7 @@ def create_app(
             audit=AuditTools(
                 signer=load_signer(settings), mapper=log.mapper, replay_dashboard=replay_dashboard
             ),
+            log_head=log.position,
         )
         # Also on app.state, for operators' tools and tests that wait on positions.
         app.state.projections = runner

@@ -242,12 +242,19 @@ def _error(status: int, error_schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Money as a string: plain decimal notation, at most 2 places, below 10^12 in absolute
+# value (domain.money's rules). The service also takes a few other spellings Python's
+# Decimal reads (an exponent, a leading +); this is the form clients should send.
+MONEY_STRING_PATTERN = r"^-?(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
+
+
 def _money(schema: Any) -> Any:
     """msgspec decodes a Decimal from a JSON string or number, but its schema names only
-    the string; widen it so the document accepts what the service accepts."""
+    the string; widen it so the document accepts what the service accepts, and give the
+    string its form (the pattern applies to strings only)."""
     if isinstance(schema, dict):
         if schema.get("format") == "decimal" and schema.get("type") == "string":
-            return {**schema, "type": ["string", "number"]}
+            return {**schema, "type": ["string", "number"], "pattern": MONEY_STRING_PATTERN}
         return {key: _money(value) for key, value in schema.items()}
     if isinstance(schema, list):
         return [_money(value) for value in schema]

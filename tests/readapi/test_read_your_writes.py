@@ -1,7 +1,8 @@
 """Read-your-writes, on both backends: a read sent with a command's X-Consistency-Token
 waits (bounded) until its projection has reached that position, answers 503
-OPERATION_TIMEOUT (operation read_your_writes) past the bound, refuses a malformed token,
-and without the header costs nothing more than before."""
+OPERATION_TIMEOUT (operation read_your_writes) past the bound, refuses a malformed token
+and one beyond the log's head (never issued), and without the header costs nothing more
+than before."""
 
 from __future__ import annotations
 
@@ -136,6 +137,23 @@ def test_a_malformed_token_is_400(
 
         assert response.status_code == 400, (path, token, response.text)
         assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_a_token_beyond_the_logs_head_is_400_at_once(
+    without_projections: TestClient, tenant: Tenant
+) -> None:
+    # No command was ever acknowledged there: waiting could only end in a 503.
+    scenario_id, forecast_id, token = write_scenario_and_forecast(without_projections, tenant)
+    beyond = str(int(token) + 1_000)
+    for path in every_read(scenario_id, forecast_id):
+        started = time.monotonic()
+        response = read(without_projections, tenant.reader, path, beyond)
+
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        assert beyond in error["message"]
+        assert time.monotonic() - started < 1.0, path
 
 
 def test_without_the_header_nothing_changes(

@@ -1,0 +1,98 @@
+"""Fuzzing the HTTP API from its own description: schemathesis generates requests for
+every operation in /openapi.json (valid and invalid bodies, parameters and headers) and
+sends them to a real uvicorn server with a tenant's writer key. No answer may be a server
+error, and every answer must match what /openapi.json declares for it (status code,
+content type, body schema, headers). Bounded: a fixed number of examples per operation,
+no deadline per example (the machine is shared)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis import checks
+
+from commands.context import Collaborators
+from infra.clock import utc_now
+from infra.eventstore import EventLog, open_event_log
+from infra.settings import Settings
+from service.app import create_app
+from tests.conftest import make_tenant
+from tests.services import postgres_database, serving
+
+EXAMPLES = 30  # per operation and backend
+# What the issue asks of every answer: no server error, and the answer as described
+# (status, content type, body, headers). Not schemathesis' positive/negative data checks:
+# money is described by the form clients should send, while the service also reads a few
+# other spellings of a decimal, and a schema-valid body may still break a domain rule
+# (a scenario type's assumptions, a month range) that JSON Schema does not express.
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+    checks.response_headers_conformance,
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Settings, EventLog]]:
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            settings = Settings(data_dir=data_dir)
+        else:
+            settings = Settings(
+                database_url=stack.enter_context(postgres_database()), data_dir=data_dir
+            )
+        log = open_event_log(settings)
+        stack.callback(log.close)
+        yield settings, log
+
+
+@pytest.fixture(scope="module")
+def served(store: tuple[Settings, EventLog]) -> Iterator[str]:
+    settings, log = store
+    app = create_app(settings, event_log=log, run_projections=True, run_jobs=False)
+    with serving(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def writer(store: tuple[Settings, EventLog]) -> str:
+    operator = Collaborators(log=store[1], clock=utc_now, new_id=uuid.uuid4)
+    return make_tenant(operator).writer
+
+
+def test_no_server_error_and_every_answer_matches_the_description(served: str, writer: str) -> None:
+    # The schemathesis pytest plugin does not run under our pytest; its strategies are
+    # driven with Hypothesis directly, one bounded run per operation.
+    schema = schemathesis.openapi.from_url(served + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10, "the description lost its operations"
+    headers = {"Authorization": f"Bearer {writer}"}
+    failures: list[str] = []
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            derandomize=True,
+            database=None,
+        )
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(base_url=served, headers=headers, checks=CHECKS)
+
+        try:
+            check()
+        except Exception as e:  # every operation is tried; all failures are reported
+            failures.append(f"{operation.label}: {e}")
+    assert not failures, "\n\n".join(failures)
