@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import shutil
 import socket
 import struct
@@ -523,3 +524,98 @@ class TcpProxy:
 
         self._loop.call_soon_threadsafe(apply)
         applied.result(timeout=PROXY_STOP_S)
+
+
+# --- a private PostgreSQL -----------------------------------------------------------------
+
+POSTGRES_START_S = 60.0
+
+
+def _postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian's layout), if any."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: p.parts[-3])
+    return found[-1].parent if found else None
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb into a temporary directory, trust
+    auth, loopback only, never port 5432) that a test may stop, crash and start again on
+    the same port. As root, its programs run as the postgres user (initdb refuses root)."""
+
+    def __init__(self, bin_dir: Path, directory: Path, port: int) -> None:
+        self._bin = bin_dir
+        self._data = directory / "data"
+        self._log = directory / "postgres.log"
+        self.port = port
+        self._as: list[str] = ["runuser", "-u", "postgres", "--"] if _is_root() else []
+        self._run("initdb", "-D", str(self._data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def _run(self, program: str, *args: str, check: bool = True) -> None:
+        done = subprocess.run(
+            [*self._as, str(self._bin / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=POSTGRES_START_S,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            log = self._log.read_text(errors="replace")[-3000:] if self._log.exists() else ""
+            raise RuntimeError(f"{program} failed: {done.stdout}{done.stderr}\n{log}")
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@{LOCALHOST}:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        """Start the server; return once it accepts connections."""
+        options = (
+            f"-p {self.port} -c listen_addresses={LOCALHOST} -k {self._data}"
+            " -c fsync=off -c max_connections=60"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self._data),
+            "-l",
+            str(self._log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(int(POSTGRES_START_S)),
+            "start",
+        )
+
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """Stop the server ("immediate": as a crash, no checkpoint); return once its port
+        refuses connections."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", mode, "-w", "stop", check=False)
+        deadline = time.monotonic() + PROCESS_DEADLINE_S
+        while not _refuses(self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} still accepts after PostgreSQL stopped")
+            time.sleep(POLL_S)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A fresh PostgreSQL cluster on a free loopback port, stopped and removed on exit."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        unavailable("PostgreSQL", FileNotFoundError("no /usr/lib/postgresql/*/bin/pg_ctl"))
+        return  # unavailable() skips or fails: it never returns
+    directory = Path(tempfile.mkdtemp(prefix="private_pg_"))
+    try:
+        if _is_root():
+            shutil.chown(directory, "postgres", "postgres")
+        server = PrivatePostgres(bin_dir, directory, free_port())
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop("immediate")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
