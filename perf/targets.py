@@ -49,6 +49,31 @@ def api_rss(r: Reports) -> tuple[str, bool | None]:
     return f"{max(seen):g} MB (peak, seed load test)", max(seen) <= 150
 
 
+def commands(r: Reports) -> tuple[str, bool | None]:
+    report = r.get("commands")
+    ours = find(dig(report, "summaries"), path="group", clients=32)
+    rate = dig(ours, "commands_per_s")
+    ratio = dig(report, "group_over_stock_32")
+    intact = dig(report, "idempotency.ok")
+    return (
+        f"{num(rate, 0)} commands/s, {num(ratio, 2)}x the stock path; idempotency "
+        f"{'intact' if intact else 'NOT intact' if intact is not None else 'not checked'}",
+        _all(_ge(rate, 2000), _ge(ratio, 3), None if intact is None else bool(intact)),
+    )
+
+
+def scale(r: Reports) -> tuple[str, bool | None]:
+    routes = [row for row in dig(r.get("scale"), "routes") or [] if row.get("target")]
+    if not routes:
+        return "not measured", None
+    worst = max(routes, key=lambda row: row["p50_ratio"])
+    statements = dig(r.get("scale"), "statements_per_read")
+    text = f"worst p50 ratio {worst['p50_ratio']:.2f} ({worst['route']}) over {len(routes)} reads"
+    if statements is not None:
+        text += f"; SQL statements per read: {statements}"
+    return text, _all(_le(worst["p50_ratio"], 1.2), None if statements is None else statements == 1)
+
+
 TARGETS = [
     Target(
         "forecast 120 x 10,000 / 100,000 paths",
@@ -59,6 +84,16 @@ TARGETS = [
         "rebuild 1M events, PostgreSQL",
         ">= 50,000 events/s; worker RSS <= 250 MB",
         rebuild,
+    ),
+    Target(
+        "commands, 32 clients, PostgreSQL",
+        ">= 2,000 commands/s and >= 3x the stock path, idempotency intact",
+        commands,
+    ),
+    Target(
+        "100,000-scenario tenant vs 10",
+        "read p50 ratio <= 1.2; one SQL statement per read",
+        scale,
     ),
     Target("API process RSS under load", "<= 150 MB", api_rss),
 ]
