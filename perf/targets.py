@@ -44,9 +44,18 @@ def rebuild(r: Reports) -> tuple[str, bool | None]:
 
 def api_rss(r: Reports) -> tuple[str, bool | None]:
     seen = [float(v) for v in dig(r.get("seed_load"), "api_rss_mb") or []]
-    if not seen:
+    on = find(dig(r.get("read_path"), "phases"), name="cache on")
+    largest = dig(on, "rss_peak_per_process_mb")  # the largest API process of the phase
+    per_process = [float(largest)] if largest is not None else []
+    if not seen and not per_process:
         return "not measured", None
-    return f"{max(seen):g} MB (peak, seed load test)", max(seen) <= 150
+    worst = max(seen + per_process)
+    return (
+        f"{worst:g} MB, the largest process (seed load test: "
+        f"{', '.join(f'{v:g}' for v in seen) or '-'}; read mix: "
+        f"{', '.join(f'{v:g}' for v in per_process) or '-'})",
+        worst <= 150,
+    )
 
 
 def commands(r: Reports) -> tuple[str, bool | None]:
@@ -74,7 +83,62 @@ def scale(r: Reports) -> tuple[str, bool | None]:
     return text, _all(_le(worst["p50_ratio"], 1.2), None if statements is None else statements == 1)
 
 
+def read_mix(r: Reports) -> tuple[str, bool | None]:
+    report = r.get("read_path")
+    on = find(dig(report, "phases"), name="cache on")
+    rate, ratio = dig(on, "req_per_s"), dig(on, "ratio_to_hello")
+    if on is None:
+        return "not measured", None
+    errors = int(on.get("non_2xx") or 0) + int(on.get("socket_errors") or 0)
+    return (
+        f"{num(rate, 0)} req/s, {num(ratio, 3)} of hello ({num(dig(report, 'hello_req_per_s'), 0)}"
+        f" req/s), {errors} errors; {dig(report, 'workers')} workers",
+        _all(_ge(rate, 8000), _ge(ratio, 0.35), errors == 0),
+    )
+
+
+def open_loop(r: Reports) -> tuple[str, bool | None]:
+    loop = dig(r.get("read_path"), "open_loop")
+    routes: dict[str, Any] = dig(loop, "routes") or {}
+    if not routes:
+        return "not measured", None
+    worst95 = max(routes.items(), key=lambda kv: kv[1]["p95_ms"])
+    worst99 = max(routes.items(), key=lambda kv: kv[1]["p99_ms"])
+    return (
+        f"worst p95 {worst95[1]['p95_ms']:.1f} ms ({worst95[0]}), worst p99 "
+        f"{worst99[1]['p99_ms']:.1f} ms ({worst99[0]}); {loop['errors']} errors of "
+        f"{loop['scheduled']:,} at {loop['rate_per_s']:g} req/s",
+        _all(worst95[1]["p95_ms"] <= 5, worst99[1]["p99_ms"] <= 15, int(loop["errors"]) == 0),
+    )
+
+
+def dashboard(r: Reports) -> tuple[str, bool | None]:
+    route = dig(r.get("read_path"), "open_loop.routes.dashboard")
+    seed = find(dig(r.get("seed_load"), "endpoints"), name="dashboard")
+    parts, flags = [], []
+    if route is not None:
+        parts.append(f"p95 {route['p95_ms']:.1f} ms open loop at 1,000 req/s")
+        flags.append(route["p95_ms"] <= 5)
+    if seed is not None:
+        parts.append(f"p95 {seed['p95_ms']:g} ms in the seed's load test")
+        flags.append(seed["p95_ms"] <= 5)
+    if not parts:
+        return "not measured", None
+    return "; ".join(parts), all(flags)
+
+
 TARGETS = [
+    Target(
+        "seed read mix, 100 connections",
+        ">= 8,000 req/s and >= 35 % of the bare hello in the same run; 0 errors",
+        read_mix,
+    ),
+    Target(
+        "open loop 1,000 req/s",
+        "p95 <= 5 ms, p99 <= 15 ms on every read endpoint",
+        open_loop,
+    ),
+    Target("dashboard", "p95 <= 5 ms at the seed's load", dashboard),
     Target(
         "forecast 120 x 10,000 / 100,000 paths",
         "<= 50 ms / <= 500 ms",
