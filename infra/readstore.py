@@ -8,16 +8,22 @@ for a server that does not answer at all: a watchdog shuts down the socket of a 
 still running shortly after the budget, so the thread is freed and the broken connection
 leaves the pool. SQLite statements are interrupted by a progress handler. Either way the
 read fails with OperationTimeoutError, and the connection left is healthy or discarded.
+
+``counted_statements()`` collects the statements sent on behalf of one context (a test's
+request and the threads it hands its query to), whatever else shares the store meanwhile
+(the readiness refresher, projections): the one-statement-per-read rule is checked so.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -35,6 +41,23 @@ _CLIENT_GRACE_S = 0.25
 _WATCH_EVERY_S = 0.05
 # SQLite calls the deadline check every this many virtual machine instructions.
 _SQLITE_CHECK_EVERY = 10_000
+
+# The statements of the current context, while counted. Context variables follow a request
+# into the threadpool (anyio copies the context), and not into other tasks or threads.
+_counted: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "readstore_counted", default=None
+)
+
+
+@contextmanager
+def counted_statements() -> Iterator[list[str]]:
+    """The statements every read store sends for this context while the block runs."""
+    statements: list[str] = []
+    token = _counted.set(statements)
+    try:
+        yield statements
+    finally:
+        _counted.reset(token)
 
 
 class _Watchdog:
@@ -194,6 +217,9 @@ class ReadStore:
 
     def _trace(self, statement: str) -> None:
         # The drivers' own hooks see every statement really sent, whoever issued it.
+        counted = _counted.get()
+        if counted is not None:
+            counted.append(statement)
         if self.on_statement is not None:
             self.on_statement(statement)
 

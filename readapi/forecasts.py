@@ -116,6 +116,20 @@ def list_forecasts(
     )
 
 
+def load_forecast(
+    store: ReadStore, tenant_id: UUID, forecast_id: str
+) -> tuple[Row | None, int | None]:
+    """The forecast with its result (None when the tenant has no such one)."""
+    return queries.one_of(
+        store,
+        PROJECTION,
+        table="forecasts_rows",
+        columns=f"{_COLUMNS}, result",
+        tenant_id=tenant_id,
+        row_id=forecast_id,
+    )
+
+
 async def get_forecasts(request: Request) -> Response:
     api, principal = await read_context(request)
     page = paging.page_request(
@@ -151,14 +165,7 @@ async def get_forecast(request: Request) -> Response:
     forecast_id = queries.resource_id(request, "forecast_id", "forecast")
 
     def load() -> tuple[ForecastDetail, int | None]:
-        row, position = queries.one_of(
-            api.store,
-            PROJECTION,
-            table="forecasts_rows",
-            columns=f"{_COLUMNS}, result",
-            tenant_id=principal.tenant_id,
-            row_id=forecast_id,
-        )
+        row, position = load_forecast(api.store, principal.tenant_id, forecast_id)
         if row is None:
             raise NotFoundError(f"forecast {forecast_id} not found")
         result = msgspec.Raw(row["result"].encode()) if row["result"] else None

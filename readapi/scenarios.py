@@ -108,6 +108,20 @@ def list_scenarios(
     )
 
 
+def load_scenario(
+    store: ReadStore, tenant_id: UUID, scenario_id: str
+) -> tuple[Row | None, int | None]:
+    """The scenario with its latest forecasts (None when the tenant has no such one)."""
+    return queries.one_of(
+        store,
+        PROJECTION,
+        table="scenarios_rows",
+        columns=f"{_COLUMNS}, latest_forecasts",
+        tenant_id=tenant_id,
+        row_id=scenario_id,
+    )
+
+
 async def get_scenarios(request: Request) -> Response:
     api, principal = await read_context(request)
     page = paging.page_request(request.query_params, principal.tenant_id, api.signer)
@@ -137,14 +151,7 @@ async def get_scenario(request: Request) -> Response:
     scenario_id = queries.resource_id(request, "scenario_id", "scenario")
 
     def load() -> tuple[ScenarioDetail, int | None]:
-        row, position = queries.one_of(
-            api.store,
-            PROJECTION,
-            table="scenarios_rows",
-            columns=f"{_COLUMNS}, latest_forecasts",
-            tenant_id=principal.tenant_id,
-            row_id=scenario_id,
-        )
+        row, position = load_scenario(api.store, principal.tenant_id, scenario_id)
         if row is None:
             raise NotFoundError(f"scenario {scenario_id} not found")
         item = _item(row)
