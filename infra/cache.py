@@ -6,6 +6,11 @@ per-read-model generations (no TTL). The projection workers bump a tenant's gene
 after each batch they commit; an entry is valid only under the generation it was read
 under, so invalidation is one cheap write per tenant and batch, never a scan of keys.
 
+With Redis, every bump is also published on one channel (bump_channel); each API process
+keeps a copy of the generations it has seen, updated from that channel (GenerationFeed),
+so that a read can be answered from the process's memory without a round trip, for as
+long as the subscription is known to be alive (readapi.cache).
+
 Redis is a helper, never a dependency: each call has a budget (connect, send and answer
 together), the client never retries, and a circuit breaker makes calls fail at once
 while Redis keeps failing, so a read pays almost nothing for a dead cache. Every failure
@@ -15,6 +20,7 @@ surfaces as CacheUnavailableError, which the read path treats as a miss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -133,7 +139,10 @@ class GenerationBumper(Protocol):
         ...
 
 
-_CACHE_ERRORS = (redis.RedisError, OSError, TimeoutError)
+# uvloop's transports raise RuntimeError ("the handler is closed") when the client writes
+# to a connection that was reset underneath it: for a cache call, a failure like the others
+# (these tuples only ever guard calls into the Redis client).
+_CACHE_ERRORS = (redis.RedisError, OSError, TimeoutError, RuntimeError)
 
 
 def generation_key(prefix: str, tenant_id: UUID, projection: str) -> str:
@@ -176,6 +185,24 @@ class Invalidator:
                 self._pending |= keys
 
 
+def bump_channel(prefix: str) -> str:
+    """The pub/sub channel on which every bump is announced."""
+    return f"{prefix}generations"
+
+
+# KEYS: generation keys; ARGV: the channel, a fresh generation. Publishes one line per
+# key, "<key> <new value>" (keys never contain spaces or newlines: prefix, uuid, name).
+_BUMP_SCRIPT = """
+local lines = {}
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[2], 'NX')
+  lines[i] = key .. ' ' .. redis.call('INCR', key)
+end
+redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
+return #lines
+"""
+
+
 def _fresh_generation() -> bytes:
     # A generation created after a loss (eviction, restart) starts from the clock, far
     # above any counter an entry surviving from before could carry.
@@ -185,7 +212,9 @@ def _fresh_generation() -> bytes:
 class RedisCache:
     """The cache in Redis, with a budget per call, no retries and a circuit breaker."""
 
-    def __init__(self, url: str, *, timeout_s: float, breaker: Breaker) -> None:
+    def __init__(self, url: str, *, timeout_s: float, breaker: Breaker, channel: str = "") -> None:
+        self._channel = channel
+        self.url = url
         self._timeout_s = timeout_s
         self._breaker = breaker
         self._url = url
@@ -258,12 +287,13 @@ class RedisCache:
             return
         if not self._breaker.allow():
             raise CacheUnavailableError("the cache is unavailable (circuit open)")
+        keys = sorted(generation_keys)
         try:
-            with self._sync_client().pipeline(transaction=False) as pipe:
-                for key in generation_keys:
-                    pipe.set(key, _fresh_generation(), nx=True)
-                    pipe.incr(key)
-                pipe.execute()
+            # One script: the increments and their announcement, in one round trip, the
+            # announcement after the values it carries exist.
+            self._sync_client().eval(
+                _BUMP_SCRIPT, len(keys), *keys, self._channel, _fresh_generation()
+            )
         except _CACHE_ERRORS as e:
             self._breaker.failed()
             raise CacheUnavailableError(f"the cache did not take an invalidation: {e}") from e
@@ -352,7 +382,144 @@ def open_cache(settings: Settings, *, in_process: bool) -> RedisCache | LocalCac
         return None
     if settings.redis_url:
         breaker = Breaker(settings.redis_breaker_failures, settings.redis_breaker_open_s)
-        return RedisCache(settings.redis_url, timeout_s=settings.redis_timeout_s, breaker=breaker)
+        return RedisCache(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            breaker=breaker,
+            channel=bump_channel(settings.cache_prefix),
+        )
     if in_process:
         return LocalCache(settings.cache_local_entries)
     return None
+
+
+class GenerationFeed:
+    """This process's copy of the generations, fed by the bump channel. Trusted only while
+    *fresh*: subscribed, and something (a bump, or the answer to a ping sent every
+    max_lag_s / 4 when idle) heard within ``max_lag_s``. So a bump reaches this process's
+    readers within max_lag_s even if the connection dies silently; a connection that
+    closes is noticed at once. Every loss of the subscription forgets every generation
+    and starts a new epoch: a value read from Redis during an older epoch is never
+    learned, so nothing missed while unsubscribed is ever served. Lives on the event loop
+    (not thread-safe)."""
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        *,
+        max_lag_s: float,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._channel = channel
+        self._max_lag_s = max_lag_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._generations: dict[str, int] = {}
+        self._epoch = 0
+        self._subscribed = False
+        self._heard_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="generation feed")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # Bounded: redis-py may take a cancellation for the end of its own read
+            # timeout and go on; the loop then sees _closing at its next turn.
+            await asyncio.wait({task}, timeout=self._timeout_s + self._max_lag_s)
+
+    def epoch(self) -> int | None:
+        """The current epoch while fresh, else None (the memory tier is bypassed)."""
+        if self._subscribed and self._clock() - self._heard_at <= self._max_lag_s:
+            return self._epoch
+        return None
+
+    def generation(self, key: str) -> int | None:
+        """The generation under ``key`` as last announced or learned, while fresh."""
+        if self.epoch() is None:
+            return None
+        return self._generations.get(key)
+
+    def learned(self, key: str, value: bytes, epoch: int) -> None:
+        """A generation read from Redis by a lookup that started in ``epoch``. Values only
+        grow (INCR; a recreated key starts from the clock): an older answer arriving
+        after an announcement never moves the copy back."""
+        if epoch != self._epoch or not self._subscribed:
+            return
+        try:
+            number = int(value)
+        except ValueError:
+            return
+        if number > self._generations.get(key, -1):
+            self._generations[key] = number
+
+    def _announced(self, data: bytes) -> None:
+        for line in data.split(b"\n"):
+            key, _, value = line.partition(b" ")
+            try:
+                number = int(value)
+            except ValueError:
+                continue
+            name = key.decode()
+            if number > self._generations.get(name, -1):
+                self._generations[name] = number
+
+    def _lost(self) -> None:
+        self._subscribed = False
+        self._epoch += 1
+        self._generations.clear()
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await self._listen()
+            except _CACHE_ERRORS as e:
+                logger.warning("cache bump channel lost: %r; memory tier bypassed", e)
+            finally:
+                self._lost()
+            await asyncio.sleep(self._max_lag_s)
+
+    async def _listen(self) -> None:
+        client = redis.asyncio.Redis.from_url(
+            self._url,
+            socket_connect_timeout=self._timeout_s,
+            retry=AsyncRetry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=self._timeout_s)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+            self._epoch += 1
+            self._generations.clear()
+            self._subscribed = True
+            self._heard_at = self._clock()
+            ping_every_s = self._max_lag_s / 4
+            while not self._closing:
+                message = await pubsub.get_message(timeout=ping_every_s)
+                if message is None:
+                    if self._clock() - self._heard_at > 2 * self._max_lag_s:
+                        raise TimeoutError("the bump channel went silent")
+                    await pubsub.ping()
+                    continue
+                self._heard_at = self._clock()
+                if message["type"] == "message":
+                    self._announced(message["data"])
+        finally:
+            self._subscribed = False
+            with contextlib.suppress(*_CACHE_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()

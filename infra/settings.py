@@ -30,6 +30,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_cache_entries: PositiveInt = 10_000
     # Bounded retries of a command whose aggregate changed under it (no If-Match sent).
     command_attempts: PositiveInt = 20
+    # Group commit: concurrent commands of one process share one event-store transaction
+    # (one table lock, one WAL flush), at most group_commit_max commands each. Off: one
+    # transaction per command, the event-sourcing library's stock path.
+    group_commit: bool = True
+    group_commit_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
     # Signs paging cursors; every API process of a deployment needs the same value.
     # Unset: derived from the store's address (fine embedded, set it in production).
     cursor_secret: str = ""
@@ -98,6 +103,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cache_ttl_scenarios_s: PositiveSeconds = 60.0
     # Entries of the in-process cache (least recently used go first).
     cache_local_entries: PositiveInt = 10_000
+    # With Redis, each API process also keeps answers it has seen in memory (up to this
+    # many bytes of bodies; 0: none), served while its copy of the generations is fresh:
+    # subscribed to the bumps' channel and heard from within cache_local_max_lag_s. A
+    # bump reaches every process within that bound; past it the memory tier is bypassed.
+    cache_local_tier_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024 * 1024
+    cache_local_max_lag_s: PositiveSeconds = 0.5
     # Budget of one Redis call (connect, send, answer); no retries.
     redis_timeout_s: PositiveSeconds = 1.0
     # Consecutive Redis failures that open the circuit breaker, and how long it stays

@@ -12,9 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -150,11 +151,17 @@ def accubooks_json(args: list[str], database_url: str, deadline: Deadline) -> di
 
 @contextmanager
 def api_process(
-    database_url: str, env: dict[str, str], deadline: Deadline
+    database_url: str, env: dict[str, str], deadline: Deadline, *, workers: int = 1
 ) -> Iterator[tuple[str, int]]:
-    """`accubooks api` on a free port with ``env``, answering: its URL and pid; always
-    stopped."""
-    with accubooks(["api", "--host", "127.0.0.1", "--port", "0"], database_url, env) as proc:
+    """`accubooks api` on a free port with ``env`` and ``workers`` processes (their
+    metrics added up in a private PROMETHEUS_MULTIPROC_DIR), answering: its URL and pid
+    (the workers' parent); always stopped."""
+    args = ["api", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
+    with ExitStack() as stack:
+        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in env:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="api_metrics_"))
+            env = {**env, "PROMETHEUS_MULTIPROC_DIR": directory}
+        proc = stack.enter_context(accubooks(args, database_url, env))
         url = str(proc.first_line(deadline)["url"])
         httpx.get(url + "/health/live", timeout=REQUEST_TIMEOUT_S, trust_env=False)
         yield url, proc.proc.pid
@@ -224,37 +231,28 @@ def private_redis(directory: str, deadline: Deadline) -> Iterator[RedisServer]:
 
 
 @contextmanager
-def hello_server(deadline: Deadline) -> Iterator[tuple[str, int]]:
-    """perf.hello served the way `accubooks api` serves: uvicorn, one process, its default
-    loop and HTTP implementation, no access log. Its URL and pid; always stopped."""
-    port = free_port()
-    with tempfile.TemporaryFile() as stderr:
+def hello_server(deadline: Deadline, *, workers: int = 1) -> Iterator[tuple[str, int]]:
+    """perf.hello served the way `accubooks api` serves (service.draining.serve: uvicorn's
+    protocol with httptools on uvloop, ``workers`` processes). Its URL and pid (the parent
+    of the workers when there are several); always stopped."""
+    with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "perf.hello:hello_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
+            [sys.executable, "-m", "perf.hello", "--port", "0", "--workers", str(workers)],
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=stderr,
+            text=True,
         )
-        url = f"http://127.0.0.1:{port}"
         try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], min(START_S, deadline.remaining()))
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                stderr.seek(0)
+                raise SystemExit(f"the hello server did not start: {stderr.read()[-2000:]}")
+            url = str(msgspec.json.decode(line)["url"])
 
             def answers() -> bool:
-                if proc.poll() is not None:
-                    stderr.seek(0)
-                    raise SystemExit(f"the hello server exited: {stderr.read()[-2000:]!r}")
                 try:
                     return httpx.get(url + "/", timeout=1.0, trust_env=False).status_code == 200
                 except httpx.HTTPError:
@@ -264,3 +262,67 @@ def hello_server(deadline: Deadline) -> Iterator[tuple[str, int]]:
             yield url, proc.pid
         finally:
             stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+# --- what a server process (and its workers) use -----------------------------------------
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server's worker processes), from /proc."""
+    found = [pid]
+    for parent in found:
+        try:
+            tasks = Path(f"/proc/{parent}/task").iterdir()
+            for task in tasks:
+                children = (task / "children").read_text().split()
+                found.extend(int(c) for c in children if int(c) not in found)
+        except OSError:
+            continue
+    return found
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """The resident memory of these processes, added up (VmRSS)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+class PeakRss:
+    """Samples the resident memory of a process and its workers (each, and added up)
+    every ``every_s`` in a thread, between start() and stop()."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        self._pid = pid
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.total_bytes = 0
+        self.per_process_bytes = 0
+
+    def start(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def stop(self) -> PeakRss:
+        self._stop.set()
+        self._thread.join()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            pids = family(self._pid)
+            self.total_bytes = max(self.total_bytes, rss_bytes(pids))
+            largest = max(rss_bytes([p]) for p in pids)
+            self.per_process_bytes = max(self.per_process_bytes, largest)
+            if self._stop.wait(self._every_s):
+                return

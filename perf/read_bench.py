@@ -1,8 +1,10 @@
 """Read-path throughput on PostgreSQL + Redis: the seed's read mix at 100 connections
-(wrk, 2 threads, perf/read_mix.lua) against one `accubooks api` process with the Redis
+(wrk, 2 threads, perf/read_mix.lua) against `accubooks api --workers N` with the Redis
 cache on, with the cache off, and with Redis stopped under it; quoted against a bare
-Starlette JSON hello served the same way (uvicorn, one process) before and after, in the
-same run, so the ratios survive a shared and noisy machine.
+Starlette JSON hello served the same way (service.draining.serve, the same worker count)
+before and after, in the same run, so the ratios survive a shared and noisy machine. With
+the cache on, the same process then takes an open-loop phase (perf/openloop.py, 1,000
+req/s by default): p50/p95/p99 per endpoint. The server's peak RSS is sampled under load.
 
 Run from the repository root (needs PostgreSQL on 127.0.0.1:5432, trust auth, user
 postgres, and the Debian packages redis-server and wrk: `apt-get install -y wrk`):
@@ -10,12 +12,13 @@ postgres, and the Debian packages redis-server and wrk: `apt-get install -y wrk`
     .venv/bin/python -m perf.read_bench
 
 Options: --tenants 20 --scenarios 200 --forecasts 2 --duration-s 20 --warmup-s 5
---connections 100 --threads 2 --budget-s 600 (see --help). It creates and drops its own
-database, starts a private redis-server on a free port (never the shared one), seeds the
-log through the domain aggregates and the tenant commands (never read-model rows), lets
-`accubooks project` build the read models, talks only to 127.0.0.1, prints the table and
-writes perf/reports/read_path.md and perf/reports/read_path.json. Exits 1 when a phase has
-errors or non-2xx answers, when its sampled answers do not carry the service status the
+--connections 100 --threads 2 --workers 1 --open-loop-rate 1000 --open-loop-s 20
+--budget-s 600 (see --help); `run(argv)` returns the report without writing it. It
+creates and drops its own database, starts a private redis-server on a free port (never
+the shared one), seeds the log through the domain aggregates and the tenant commands
+(never read-model rows), lets `accubooks project` build the read models, talks only to
+127.0.0.1, prints the table and writes perf/reports/read_path.md and .json. Exits 1 when a
+phase has errors or non-2xx answers, when its sampled answers do not carry the service status the
 phase promises, or when the budget runs out; every process it started is stopped.
 """
 
@@ -41,11 +44,23 @@ from infra.settings import Settings
 from perf import api_metrics, read_mix
 from perf.cpu import CpuMeter
 from perf.harness import ADMIN_URL, REQUEST_TIMEOUT_S, Deadline, postgres_database, write_report
-from perf.processes import api_process, hello_server, private_redis, stop_on_signals
+from perf.openloop import OpenLoopResult, open_loop
+from perf.processes import (
+    PeakRss,
+    api_process,
+    family,
+    hello_server,
+    private_redis,
+    stop_on_signals,
+)
 from perf.read_mix import MIX, Sample
 from perf.read_report import Phase, Report, Seeding, cores_of, machine_facts, render_markdown
 from perf.seeding import project_until_caught_up, seed_tenants
 from perf.wrk import LoadShape, PlanLine, Wrk, read_plan, run_wrk, write_plan, wrk_command
+
+# The serving chosen by measurement (perf/reports/read_path.md): service.draining.serve.
+SERVING = "uvicorn's protocol with httptools on uvloop"
+WORKERS = 2
 
 
 @dataclass
@@ -73,21 +88,24 @@ def measure(target: Target, shape: LoadShape, deadline: Deadline, rng: random.Ra
         )
     api = target.expect_degraded is not None
     before = api_metrics.scrape(target.url) if api else {}
-    watched = {"server": target.pid}
+    servers = family(target.pid)
+    watched = {"server" if i == 0 else f"server {i + 1}": pid for i, pid in enumerate(servers)}
     if target.redis_pid is not None:
         watched["redis"] = target.redis_pid
     meter = CpuMeter(watched, target.database_url)
     command = wrk_command(target.url, target.plan, shape, shape.duration_s)
+    rss = PeakRss(target.pid).start()
     meter.start()
     result = run_wrk(command, shape.duration_s, deadline)
     cores = cores_of(meter.stop())
+    rss.stop()
     after = api_metrics.scrape(target.url) if api else {}
     checked = read_mix.sample(target.url, read_plan(target.plan), rng)
     seconds = result.duration_us / 1e6
     problems = _problems(result, checked, target.expect_degraded)
     lookups = {
         outcome: api_metrics.delta(before, after, "accubooks_cache_requests_total", result=outcome)
-        for outcome in ("hit", "miss", "error")
+        for outcome in ("memory", "hit", "miss", "error")
         if api
     }
     phase = Phase(
@@ -109,12 +127,15 @@ def measure(target: Target, shape: LoadShape, deadline: Deadline, rng: random.Ra
         bytes_per_request=round(result.bytes / max(1, result.requests), 1),
         cores=cores,
         cache_hits=lookups.get("hit"),
+        cache_memory_hits=lookups.get("memory"),
         cache_misses=lookups.get("miss"),
         cache_errors=lookups.get("error"),
         shed=api_metrics.delta(before, after, "accubooks_shed_requests_total") if api else None,
         routes=api_metrics.route_times(before, after),
         sample=checked,
         expect_degraded=target.expect_degraded,
+        rss_peak_mb=round(rss.total_bytes / 2**20, 1),
+        rss_peak_per_process_mb=round(rss.per_process_bytes / 2**20, 1),
         ok=not problems,
         problems=problems,
     )
@@ -156,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-s", type=float, default=5.0, help="before each phase")
     parser.add_argument("--plan", type=int, default=20_000, help="requests drawn for the mix")
     parser.add_argument("--max-in-flight", type=int, default=256)
+    parser.add_argument(
+        "--workers", type=int, default=WORKERS, help="API (and hello) processes on the port"
+    )
+    parser.add_argument("--open-loop-rate", type=float, default=1000.0, help="req/s; 0: skip")
+    parser.add_argument("--open-loop-s", type=float, default=20.0)
     # The service's defaults: this process is CPU-bound on one core, and 4+0 to 20+20
     # connections measured the same within the machine's noise.
     parser.add_argument("--db-pool-size", type=int, default=5)
@@ -173,6 +199,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    report = run(argv)
+    markdown = render_markdown(report)
+    write_report("read_path", markdown, report)
+    print(markdown)
+    return 0 if report.ok else 1
+
+
+def run(argv: list[str] | None = None) -> Report:
+    """The whole benchmark (options as on the command line): its report, not written."""
     args = _parser().parse_args(argv)
     if args.connections < args.threads or min(args.tenants, args.scenarios, args.forecasts) < 1:
         raise SystemExit("need tenants, scenarios, forecasts >= 1 and connections >= threads")
@@ -239,12 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         write_plan(hello_plan, [PlanLine("hello", "/", None)])
 
         def hello(name: str) -> Phase:
-            with hello_server(deadline) as (url, pid):
+            with hello_server(deadline, workers=args.workers) as (url, pid):
                 target = Target(name=name, server="hello", url=url, pid=pid, plan=hello_plan)
                 return measure(target, shape, deadline, rng)
 
-        def api(name: str, extra: dict[str, str], degraded: bool) -> Phase:
-            with api_process(database_url, {**api_env, **extra}, deadline) as (url, pid):
+        opened: list[tuple[OpenLoopResult, float]] = []
+
+        def api(name: str, extra: dict[str, str], degraded: bool, open_s: float = 0.0) -> Phase:
+            env = {**api_env, **extra}
+            with api_process(database_url, env, deadline, workers=args.workers) as (url, pid):
                 redis_pid = cache.proc.pid if not degraded else None
                 if degraded:
                     cache.kill()
@@ -258,11 +296,20 @@ def main(argv: list[str] | None = None) -> int:
                     redis_pid=redis_pid,
                     expect_degraded=degraded,
                 )
-                return measure(target, shape, deadline, rng)
+                phase = measure(target, shape, deadline, rng)
+                if open_s > 0 and args.open_loop_rate > 0:
+                    if deadline.remaining() < open_s + 30:
+                        raise SystemExit("the budget ran out before the open-loop phase")
+                    print(f"open loop: {args.open_loop_rate:g} req/s", file=sys.stderr)
+                    rss = PeakRss(pid).start()
+                    result = open_loop(url, read_plan(plan), args.open_loop_rate, open_s)
+                    opened.append((result, round(rss.stop().total_bytes / 2**20, 1)))
+                return phase
 
         try:
             phases.append(hello("hello (before)"))
-            phases.append(api("cache on", {"REDIS_URL": cache.url}, degraded=False))
+            on = {"REDIS_URL": cache.url}
+            phases.append(api("cache on", on, degraded=False, open_s=args.open_loop_s))
             off = {"REDIS_URL": cache.url, "ACCUBOOKS_CACHE_ENABLED": "false"}
             phases.append(api("cache off", off, degraded=False))
             # Started with Redis up, which is then killed under it, as a crash would.
@@ -284,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     problems += [f"{p.name}: {problem}" for p in phases for problem in p.problems]
     if len(phases) < 5:
         problems.append(f"only {len(phases)} of 5 phases measured")
-    report = Report(
+    looped = opened[0] if opened else None
+    if looped is not None and looped[0].errors:
+        problems.append(f"open loop: {looped[0].errors} errors")
+    return Report(
         ok=not problems,
         command=" ".join([".venv/bin/python -m perf.read_bench", *(argv or sys.argv[1:])]),
         machine=machine_facts(args.admin_url, load_at_start, date),
@@ -298,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         hello_req_per_s=round(hello_mean, 1),
         phases=phases,
         problems=problems,
+        serving=SERVING,
+        workers=args.workers,
+        open_loop=looped[0] if looped else None,
+        open_loop_rss_peak_mb=looped[1] if looped else None,
     )
-    markdown = render_markdown(report)
-    write_report("read_path", markdown, report)
-    print(markdown)
-    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from perf.api_metrics import RouteTime
 from perf.cpu import CpuUsed
 from perf.harness import git_head
 from perf.machine import cpu_model, postgres_version, tool_version, uvicorn_loop_http
+from perf.openloop import OpenLoopResult
 from perf.read_mix import PAGE_LIMIT, Sample
 from perf.seeding import FORECAST_MONTHS, FORECAST_PATHS
 
@@ -49,7 +50,10 @@ def cores_of(used: CpuUsed) -> Cores:
     wall = used.wall_s
     machine = used.machine_s / wall
     wrk = used.children_s / wall
-    server_s, redis_s = used.processes.get("server"), used.processes.get("redis")
+    # The server's processes are named "server", "server 2", ... (its workers).
+    servers = [v for k, v in used.processes.items() if k.startswith("server")]
+    server_s = None if not servers or None in servers else sum(v for v in servers if v)
+    redis_s = used.processes.get("redis")
     server = None if server_s is None else server_s / wall
     redis_cores = None if redis_s is None else redis_s / wall
     postgres = None if used.postgres_s is None else used.postgres_s / wall
@@ -87,12 +91,18 @@ class Phase(msgspec.Struct, frozen=True, kw_only=True):
     bytes_per_request: float
     cores: Cores
     cache_hits: int | None = None
+    # Answered from the API process's memory tier (no Redis round trip).
+    cache_memory_hits: int | None = None
     cache_misses: int | None = None
     cache_errors: int | None = None
     shed: int | None = None
     routes: dict[str, RouteTime] = {}
     sample: Sample | None = None
     expect_degraded: bool | None = None
+    # Peak resident memory under the load: the server's processes added up, and the
+    # largest one of them.
+    rss_peak_mb: float | None = None
+    rss_peak_per_process_mb: float | None = None
     ok: bool = True
     problems: list[str] = []
 
@@ -127,6 +137,12 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     hello_req_per_s: float
     phases: list[Phase]
     problems: list[str]
+    # How the API and the hello were served (the same way), and its worker processes.
+    serving: str = ""
+    workers: int = 1
+    # The open-loop phase (cache on, the same process as its closed-loop phase).
+    open_loop: OpenLoopResult | None = None
+    open_loop_rss_peak_mb: float | None = None
 
 
 def machine_facts(admin_url: str, load_at_start: float, date: str) -> Machine:
@@ -162,21 +178,25 @@ def render_markdown(report: Report) -> str:
         f"`{report.command}` — {'ok' if report.ok else '**FAILED** (see problems)'}",
         "",
         f"wrk, {report.connections} connections, {report.threads} threads,"
-        f" {report.duration_s:g} s per phase after a {report.warmup_s:g} s warm-up; one"
-        " `accubooks api` process; the hello baseline is a bare Starlette JSON endpoint served"
-        " the same way (uvicorn, one process), measured before and after, the ratio taken"
-        f" to their mean ({report.hello_req_per_s:,.0f} req/s).",
+        f" {report.duration_s:g} s per phase after a {report.warmup_s:g} s warm-up;"
+        f" `accubooks api --workers {report.workers}` ({report.serving}); the hello baseline"
+        " is a bare Starlette JSON endpoint served the same way (the same serving code and"
+        " worker count), measured before and after, the ratio taken to their mean"
+        f" ({report.hello_req_per_s:,.0f} req/s).",
         "",
         "| phase | req/s | ratio to hello | p50 ms | p95 ms | p99 ms | max ms | non-2xx"
-        " | socket errors | cache hit % (lookups per request) | sampled: 200 / degraded |",
+        " | socket errors | cache hit % (from memory %; lookups per request)"
+        " | sampled: 200 / degraded |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in report.phases:
-        looked = (p.cache_hits or 0) + (p.cache_misses or 0) + (p.cache_errors or 0)
+        memory = p.cache_memory_hits or 0
+        looked = memory + (p.cache_hits or 0) + (p.cache_misses or 0) + (p.cache_errors or 0)
         hit = (
             "-"
             if p.cache_hits is None or not looked
-            else f"{100 * p.cache_hits / looked:.1f} ({looked / p.requests:.2f})"
+            else f"{100 * (p.cache_hits + memory) / looked:.1f}"
+            f" ({100 * memory / looked:.1f}; {looked / p.requests:.2f})"
         )
         sampled = "-" if p.sample is None else f"{p.sample.ok_200}/{p.sample.requests}"
         if p.sample is not None and p.expect_degraded is not None:
@@ -188,7 +208,8 @@ def render_markdown(report: Report) -> str:
         )
     lines += [
         "",
-        "Cache lookups are counted by the API (hit, miss, error); concurrent requests for"
+        "Cache lookups are counted by the API (hit in memory, hit in Redis, miss, error);"
+        " concurrent requests for"
         " one key share one lookup (single-flight), so there are fewer lookups than"
         " requests. The sample: the mix's requests fetched one by one with httpx2 right"
         " after the phase, the number answered 200 and the number marked"
@@ -202,16 +223,42 @@ def render_markdown(report: Report) -> str:
         " (one GIL): its CPU per request then sets its throughput.",
         "",
         "| phase | server | server CPU µs/request | PostgreSQL | Redis | wrk | machine | other"
-        " | bytes/request |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | bytes/request | server RSS peak MB (largest process) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in report.phases:
         c = p.cores
+        rss = (
+            "-"
+            if p.rss_peak_mb is None
+            else f"{p.rss_peak_mb:.0f} ({_f(p.rss_peak_per_process_mb, 0)})"
+        )
         lines.append(
             f"| {p.name} | {_f(c.server, 2)} | {_f(_per_request_us(c.server, p.req_per_s), 0)}"
             f" | {_f(c.postgres, 2)} | {_f(c.redis, 2)}"
-            f" | {c.wrk:.2f} | {c.machine:.2f} | {c.other:.2f} | {p.bytes_per_request:,.0f} |"
+            f" | {c.wrk:.2f} | {c.machine:.2f} | {c.other:.2f} | {p.bytes_per_request:,.0f}"
+            f" | {rss} |"
         )
+    if (o := report.open_loop) is not None:
+        lines += [
+            "",
+            f"Open loop (perf/openloop.py), cache on, {o.rate_per_s:,.0f} req/s for"
+            f" {o.duration_s:g} s, the mix's requests in a seeded random order, each latency"
+            " from its scheduled send time (no coordinated omission): scheduled"
+            f" {o.scheduled:,}, answered {o.completed:,} ({o.achieved_per_s:,.0f}/s), errors"
+            f" {o.errors} (non-2xx {o.non_2xx}); the generator's own send lag p99"
+            f" {o.send_lag_p99_ms:.2f} ms, max {o.send_lag_max_ms:.1f} ms, its CPU"
+            f" {o.client_cores:.2f} cores; {o.connections_opened} connections; server RSS"
+            f" peak {_f(report.open_loop_rss_peak_mb, 0)} MB.",
+            "",
+            "| endpoint | requests | errors | p50 ms | p95 ms | p99 ms | max ms |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for name, r in [("all", o.overall), *o.routes.items()]:
+            lines.append(
+                f"| {name} | {r.requests:,} | {r.errors} | {r.p50_ms:.2f} | {r.p95_ms:.2f}"
+                f" | {r.p99_ms:.2f} | {r.max_ms:.1f} |"
+            )
     api_phases = [p for p in report.phases if p.routes]
     if api_phases:
         lines += [

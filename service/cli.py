@@ -4,7 +4,6 @@ Settings are read from the environment here, once, and passed down."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -16,7 +15,6 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-import uvicorn
 from eventsourcing.persistence import PersistenceError
 
 from commands import tenants
@@ -31,7 +29,7 @@ from infra.errors import InfraError
 from infra.eventstore import EventLog, open_event_log
 from projections import rebuild as rebuilder
 from projections.errors import RebuildError
-from service import audit_cli, draining, logs, parking_cli, wiring
+from service import audit_cli, draining, logs, metrics, parking_cli, wiring
 from service.app import create_app
 
 
@@ -97,8 +95,24 @@ def _parser() -> argparse.ArgumentParser:
         proc.add_argument("--host", default="127.0.0.1")
         proc.add_argument("--port", type=int, default=8000)
         proc.add_argument("--json", action="store_true", help="print where it listens as JSON")
+        if name == "api":
+            proc.add_argument(
+                "--workers",
+                type=_workers,
+                default=1,
+                metavar="N",
+                help="API processes sharing the port (default 1; more than 1 needs"
+                " PROMETHEUS_MULTIPROC_DIR, an empty directory, so /metrics adds them up)",
+            )
     audit_cli.add_parser(sub)
     return parser
+
+
+def _workers(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError("between 1 and 64")
+    return count
 
 
 def _print(result: msgspec.Struct, as_json: bool, text: str) -> None:
@@ -123,30 +137,31 @@ def _operator_command(args: argparse.Namespace, log: EventLog) -> None:
         _print(revoked, args.json, f"key {revoked.key_id} revoked")
 
 
-async def _serve(args: argparse.Namespace, settings: settings_module.Settings) -> None:
-    app = create_app(settings, run_projections=args.command == "serve")
-    # No logging setup of uvicorn's own: its loggers then write through ours (JSON lines),
-    # and the access log is ours (route templates, request and tenant ids).
-    config = uvicorn.Config(
-        app,
+def _listening(args: argparse.Namespace, settings: settings_module.Settings, url: str) -> None:
+    store = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir}"
+    where: dict[str, Any] = {"url": url, "eventStore": store}
+    text = f"accubooks listening on {where['url']} (event store: {store})"
+    print(msgspec.json.encode(where).decode() if args.json else text, flush=True)
+
+
+def _serve(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    """Serves on one listening socket: in this process, or in ``--workers`` processes
+    (draining.serve)."""
+    workers: int = getattr(args, "workers", 1)
+    if workers > 1 and not metrics.MULTIPROCESS:
+        print(
+            "accubooks: --workers above 1 needs PROMETHEUS_MULTIPROC_DIR (an empty directory)",
+            file=sys.stderr,
+        )
+        return 2
+    return draining.serve(
+        create_app(settings, run_projections=args.command == "serve"),
         host=args.host,
         port=args.port,
-        log_level="warning",
-        log_config=None,
-        access_log=False,
-        lifespan="on",
+        workers=workers,
+        drain_s=settings.shutdown_drain_s,
+        started=lambda url: _listening(args, settings, url),
     )
-    server = draining.DrainingServer(config, app, drain_s=settings.shutdown_drain_s)
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        store = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir}"
-        where: dict[str, Any] = {"url": f"http://{host}:{port}", "eventStore": store}
-        text = f"accubooks listening on {where['url']} (event store: {store})"
-        print(msgspec.json.encode(where).decode() if args.json else text, flush=True)
-    await task
 
 
 def _project(args: argparse.Namespace, settings: settings_module.Settings) -> int:
@@ -245,8 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_module.from_env()
     if args.command in ("serve", "api"):
         logs.configure_logging(settings.log_level)
-        asyncio.run(_serve(args, settings))
-        return 0
+        return _serve(args, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = {"project": _project, "worker": _work, "projections": _projections}.get(args.command)
     if run is not None:

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import msgspec
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.metrics import method_label, route_template
 
 ACCESS = logging.getLogger("accubooks.access")
 # Record attributes (given through ``extra``) that become fields of the line, in order.
@@ -66,47 +62,30 @@ def configure_logging(level: int | str, stream: IO[str] | None = None) -> loggin
     return handler
 
 
-class AccessLogMiddleware:
-    """Logs one line per HTTP request once it is answered: request id, tenant and key id
-    when the request authenticated (the auth step records them on the request's state),
-    route template, method, status and duration in milliseconds."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not ACCESS.isEnabledFor(logging.INFO):
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        # An app that raises before answering is answered 500 by the outermost middleware.
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            duration_ms = round((time.perf_counter() - started) * 1000, 3)
-            state: dict[str, Any] = scope.get("state", {})
-            route = route_template(scope)
-            method = method_label(scope)
-            ACCESS.info(
-                "%s %s %d",
-                method,
-                route,
-                status,
-                extra={
-                    "request_id": state.get("request_id"),
-                    "tenant_id": state.get("tenant_id"),
-                    "key_id": state.get("key_id"),
-                    "route": route,
-                    "method": method,
-                    "status": status,
-                    "duration_ms": duration_ms,
-                },
-            )
+def access(state: dict[str, Any], route: str, method: str, status: int, duration_s: float) -> None:
+    """Logs one line for an answered HTTP request: request id, tenant and key id when the
+    request authenticated (the auth step records them on the request's state), route
+    template, method, status and duration in milliseconds."""
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    # A record made and handled directly: Logger.info would also walk the stack for the
+    # caller's file and line (unused here), a few percent of a cached read's CPU.
+    record = ACCESS.makeRecord(
+        ACCESS.name,
+        logging.INFO,
+        __file__,
+        0,
+        "%s %s %d",
+        (method, route, status),
+        None,
+        extra={
+            "request_id": state.get("request_id"),
+            "tenant_id": state.get("tenant_id"),
+            "key_id": state.get("key_id"),
+            "route": route,
+            "method": method,
+            "status": status,
+            "duration_ms": round(duration_s * 1000, 3),
+        },
+    )
+    ACCESS.handle(record)

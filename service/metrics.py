@@ -1,4 +1,4 @@
-"""GET /metrics (Prometheus text format) and the middleware that times every request.
+"""GET /metrics (Prometheus text format) and the timing of every request.
 
 Counters and histograms are counted by each process into prometheus_client's series
 (infra.metrics). With PROMETHEUS_MULTIPROC_DIR set before the process starts, each process
@@ -11,17 +11,22 @@ processes (a parked event is recorded by a projection process, and scraped from 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from infra import metrics
 from infra.clock import utc_now
@@ -56,33 +61,19 @@ def method_label(scope: Scope) -> str:
     return method if method in _METHODS else "other"
 
 
-class RequestMetricsMiddleware:
-    """Observes every HTTP request's duration, from its start until the app has sent its
+# The histogram's children by (route, method, status): labels() takes a lock and builds
+# its key on every call; the set of keys is bounded (templates, methods, statuses).
+_durations: dict[tuple[str, str, int], Histogram] = {}
+
+
+def observe(route: str, method: str, status: int, duration_s: float) -> None:
+    """Observes one HTTP request's duration, from its start until the app has sent its
     last byte, into the histogram by route template, method and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        # An app that raises before answering is answered 500 by the outermost middleware.
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            metrics.REQUEST_DURATION.labels(
-                route_template(scope), method_label(scope), str(status)
-            ).observe(time.perf_counter() - started)
+    child = _durations.get((route, method, status))
+    if child is None:
+        child = metrics.REQUEST_DURATION.labels(route, method, str(status))
+        _durations[route, method, status] = child
+    child.observe(duration_s)
 
 
 class StoreGauges:

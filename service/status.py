@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import Any
 
 from infra.errors import InfraError
 from readapi.cache import ReadCache
@@ -57,26 +56,14 @@ class ServiceStatus:
             await asyncio.sleep(every_s)
 
 
-class DegradedHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-
-        async def send_marked(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = message.setdefault("headers", [])
-                status: ServiceStatus | None = state.get(STATE_KEY)
-                # A route that judged its own status (/health/ready) keeps its headers.
-                if status is not None and not any(h[0] == b"x-service-status" for h in headers):
-                    text = status.message(cache_failed=bool(state.get(CACHE_FAILED)))
-                    if text is not None:
-                        headers.append((b"x-service-status", b"degraded"))
-                        headers.append((b"x-service-message", text.encode("latin-1", "replace")))
-            await send(message)
-
-        await self.app(scope, receive, send_marked)
+def mark_degraded(headers: list[tuple[bytes, bytes]], state: dict[str, Any]) -> None:
+    """Adds the degraded-status headers to an answer's ``headers`` while the service is
+    degraded (the app's request middleware calls it as each response starts)."""
+    status: ServiceStatus | None = state.get(STATE_KEY)
+    if status is None:
+        return
+    text = status.message(cache_failed=bool(state.get(CACHE_FAILED)))
+    # A route that judged its own status (/health/ready) keeps its headers.
+    if text is not None and not any(h[0] == b"x-service-status" for h in headers):
+        headers.append((b"x-service-status", b"degraded"))
+        headers.append((b"x-service-message", text.encode("latin-1", "replace")))

@@ -76,9 +76,13 @@ class Reads:
 
 
 def settings_on(settings: Settings, redis_url: str, **overrides: object) -> Settings:
-    """The settings with a private Redis as the cache, under a prefix of this test's own."""
+    """The settings with a private Redis as the cache, under a prefix of this test's own;
+    without the memory tier (these are Redis's faults; the tier's own are in
+    test_memory_tier.py), unless overridden."""
     prefix = f"test-{uuid.uuid4().hex[:12]}:"
-    changed = msgspec.structs.replace(settings, redis_url=redis_url, cache_prefix=prefix)
+    changed = msgspec.structs.replace(
+        settings, redis_url=redis_url, cache_prefix=prefix, cache_local_tier_bytes=0
+    )
     return msgspec.structs.replace(changed, **overrides)
 
 

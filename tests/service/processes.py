@@ -7,7 +7,7 @@ import json
 import select
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +39,17 @@ class ApiProcess:
 
 @contextmanager
 def api_process(
-    settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None
+    settings: Settings,
+    log_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[ApiProcess]:
-    """`accubooks api --port 0 --json`; yields once it listens. Its stderr goes to
-    ``log_path``, which is complete once the context has exited (the process stopped)."""
+    """`accubooks api --port 0 --json` (and ``extra_args``); yields once it listens. Its
+    stderr goes to ``log_path``, which is complete once the context has exited (the
+    process stopped)."""
     env = {**cli_env(settings), **(extra_env or {})}
     command = ["-m", "service.cli", "api", "--host", "127.0.0.1", "--port", "0", "--json"]
+    command += extra_args
     with log_path.open("w") as stderr:
         process = subprocess.Popen(
             [sys.executable, *command],

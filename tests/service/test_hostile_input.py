@@ -394,7 +394,9 @@ def test_a_content_length_shorter_than_the_body_is_read_as_declared(
     server: str, tenant: Tenant, event_log: EventLog, scenario_id: str, op: apidoc.Operation
 ) -> None:
     """The server takes the declared bytes (a truncated JSON text: 400) and treats the rest
-    as the next request, which is no valid request: never a 5xx, nothing appended."""
+    as the next request, which is no valid request: never a 5xx, nothing appended. The
+    httptools parser (production's) reads ahead and may meet the garbage first: uvicorn
+    then answers its own plain 400 and closes, before our answer to the first request."""
     position = event_log.position()
     errors_before = server_errors()
     body = json.dumps(valid_body(op, scenario_id) or {"x": 1}).encode()
@@ -407,7 +409,8 @@ def test_a_content_length_shorter_than_the_body_is_read_as_declared(
         status, headers, answer = read_response(sock)
 
     assert status == 400
-    assert_envelope(status, headers, answer, "VALIDATION_ERROR")
+    if answer != b"Invalid HTTP request received.":
+        assert_envelope(status, headers, answer, "VALIDATION_ERROR")
     assert event_log.position() == position
     assert server_errors() == errors_before
 
