@@ -16,9 +16,15 @@ from uuid import UUID
 
 import msgspec
 from eventsourcing.domain import BaseAggregate
+from eventsourcing.persistence import Recording
 
 from commands.context import Collaborators, CommandContext
-from commands.errors import IdempotencyKeyInUseError, IdempotencyKeyReusedError
+from commands.errors import (
+    CommandError,
+    IdempotencyKeyInUseError,
+    IdempotencyKeyReusedError,
+)
+from domain.errors import DomainError
 from domain.receipt import CommandReceipt, receipt_id_for
 from infra.errors import RecordConflictError
 
@@ -70,6 +76,12 @@ def run(deps: Collaborators, ctx: CommandContext, route: str, attempt: Callable[
     ``attempt`` loads what the command needs and validates it; it is called again when a
     concurrent save won, so the retry decides on fresh state (or replays the winner's
     answer when the winner had our key).
+
+    The first try does not read the receipt: a fresh key (nearly every request) then
+    costs no read at all, and a used key still cannot slip through, because the receipt's
+    id is derived from the key and the store refuses a second one in the save that would
+    record it. So a used key shows up either as that conflict or as the decision failing
+    on state its first run changed; both are checked against the receipt before answering.
     """
     receipt_id = receipt_id_for(ctx.actor.tenant_id, ctx.idempotency_key)
     for tries in range(deps.attempts):
@@ -79,30 +91,70 @@ def run(deps: Collaborators, ctx: CommandContext, route: str, attempt: Callable[
             time.sleep(_jitter.uniform(0, min(0.05, 0.001 * 2**tries)))
         plan = attempt()
         fprint = fingerprint(route, plan.command)
-        stored = deps.log.find(receipt_id, CommandReceipt)
-        if stored is not None:
-            return _replay(deps, stored, fprint)
-        outcome = plan.decide()
-        receipt = CommandReceipt.record(
-            ctx.actor,
-            idempotency_key=ctx.idempotency_key,
-            route=route,
-            fingerprint=fprint,
-            status=outcome.status,
-            body=outcome.body.decode(),
-            headers=outcome.headers,
-            at=deps.clock(),
-        )
+        if tries:
+            stored = deps.log.find(receipt_id, CommandReceipt)
+            if stored is not None:
+                return _replay(deps, stored, fprint)
         try:
-            recordings = deps.log.save(*outcome.aggregates, receipt)
+            outcome = plan.decide()
+        except (CommandError, DomainError):
+            # A replay of an archive or of an If-Match update fails to decide again:
+            # the stored answer wins over the refusal.
+            stored = None if tries else deps.log.find(receipt_id, CommandReceipt)
+            if stored is not None:
+                return _replay(deps, stored, fprint)
+            raise
+        receipt = _receipt(deps, ctx, route, fprint, outcome)
+        try:
+            recordings = deps.log.commit(*outcome.aggregates, receipt)
         except RecordConflictError:
             continue
-        position = recordings[-1].notification.id
-        headers = {**outcome.headers, CONSISTENCY_TOKEN: str(position)}
-        return Reply(outcome.status, outcome.body, headers)
+        return _answer(outcome, recordings)
     raise IdempotencyKeyInUseError(
         "the command kept colliding with concurrent ones; retry with the same Idempotency-Key"
     )
+
+
+async def first_try_async(
+    deps: Collaborators, ctx: CommandContext, route: str, plan: Plan
+) -> Reply | None:
+    """run()'s first try on the event loop, for a command that reads nothing to decide
+    (a creation) while the store groups commits: no worker thread, no receipt read.
+    None when run() must take over (the decision refused, or the save conflicted: a
+    used key or a concurrent change), so every answer but the common one stays run()'s.
+    """
+    fprint = fingerprint(route, plan.command)
+    try:
+        outcome = plan.decide()
+    except (CommandError, DomainError):
+        return None
+    receipt = _receipt(deps, ctx, route, fprint, outcome)
+    try:
+        recordings = await deps.log.commit_async(*outcome.aggregates, receipt)
+    except RecordConflictError:
+        return None
+    return _answer(outcome, recordings)
+
+
+def _receipt(
+    deps: Collaborators, ctx: CommandContext, route: str, fprint: str, outcome: Outcome
+) -> CommandReceipt:
+    return CommandReceipt.record(
+        ctx.actor,
+        idempotency_key=ctx.idempotency_key,
+        route=route,
+        fingerprint=fprint,
+        status=outcome.status,
+        body=outcome.body.decode(),
+        headers=outcome.headers,
+        at=deps.clock(),
+    )
+
+
+def _answer(outcome: Outcome, recordings: Sequence[Recording[UUID]]) -> Reply:
+    position = recordings[-1].notification.id
+    headers = {**outcome.headers, CONSISTENCY_TOKEN: str(position)}
+    return Reply(outcome.status, outcome.body, headers)
 
 
 def _replay(deps: Collaborators, stored: CommandReceipt, fprint: str) -> Reply:

@@ -76,7 +76,16 @@ async def create_scenario(request: Request) -> Response:
     api, ctx = await _context(request)
     raw = await wire.read_body(request, max_bytes=api.max_body_bytes)
     body = wire.decode(raw, messages.CreateScenarioBody)
-    return _response(await run_in_threadpool(scenarios.create_scenario, api.deps, ctx, body))
+    # With group commit the common case needs no worker thread: it reads nothing, and
+    # its save is awaited while the committer thread writes.
+    reply = (
+        await scenarios.try_create_scenario(api.deps, ctx, body)
+        if api.deps.log.groups_commits
+        else None
+    )
+    if reply is None:
+        reply = await run_in_threadpool(scenarios.create_scenario, api.deps, ctx, body)
+    return _response(reply)
 
 
 async def update_scenario(request: Request) -> Response:

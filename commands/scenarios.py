@@ -10,7 +10,7 @@ import msgspec
 from commands import messages, views
 from commands.context import Collaborators, CommandContext
 from commands.errors import NotFoundError, VersionConflictError
-from commands.idempotency import Outcome, Plan, Reply, run
+from commands.idempotency import Outcome, Plan, Reply, first_try_async, run
 from domain import scenario_spec as spec
 from domain.scenario import Scenario
 from infra import wire
@@ -37,9 +37,12 @@ def _answer(scenario: Scenario, status: int) -> Outcome:
     return Outcome([scenario], status, views.encode(views.scenario_view(scenario)), headers)
 
 
-def create_scenario(
+CREATE_ROUTE = "POST /api/scenarios"
+
+
+def _create_plan(
     deps: Collaborators, ctx: CommandContext, body: messages.CreateScenarioBody
-) -> Reply:
+) -> Plan:
     command = messages.CreateScenario(
         name=body.name,
         baseline=body.baseline,
@@ -57,7 +60,22 @@ def create_scenario(
         )
         return _answer(scenario, 201)
 
-    return run(deps, ctx, "POST /api/scenarios", lambda: Plan(command, decide))
+    return Plan(command, decide)
+
+
+def create_scenario(
+    deps: Collaborators, ctx: CommandContext, body: messages.CreateScenarioBody
+) -> Reply:
+    plan = _create_plan(deps, ctx, body)
+    return run(deps, ctx, CREATE_ROUTE, lambda: plan)
+
+
+async def try_create_scenario(
+    deps: Collaborators, ctx: CommandContext, body: messages.CreateScenarioBody
+) -> Reply | None:
+    """create_scenario's common case on the event loop (creating reads nothing); None
+    when create_scenario must answer (see first_try_async)."""
+    return await first_try_async(deps, ctx, CREATE_ROUTE, _create_plan(deps, ctx, body))
 
 
 def update_scenario(

@@ -5,7 +5,7 @@ PostgreSQL, configured only from Settings, with driver errors translated here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -25,6 +25,7 @@ from eventsourcing.utils import Environment
 # Importing the aggregates registers their pinned topics, so stored events decode.
 from domain import api_key, forecast, receipt, scenario, tenant  # noqa: F401
 from infra import errors, locks
+from infra.groupcommit import GroupCommitter
 from infra.settings import Settings
 
 A = TypeVar("A", bound=BaseAggregate[UUID])
@@ -38,9 +39,15 @@ class EventLog(Application[UUID]):
     # PostgreSQL: the channel the library NOTIFYs after every insert into the events table.
     channel = "accubooks_events"
 
-    def __init__(self, env: Any = None) -> None:
+    def __init__(self, env: Any = None, *, group_commit_max: int = 0) -> None:
         super().__init__(env)
         self._listeners: list[Callable[[], None]] = []
+        # 0: every command's save is its own transaction (the library's stock path).
+        self._committer = (
+            GroupCommitter(self._save_events, self._slot_taken, max_size=group_commit_max)
+            if group_commit_max > 0
+            else None
+        )
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Called after every save of this process (wakes in-process projection workers)."""
@@ -64,6 +71,47 @@ class EventLog(Application[UUID]):
         for listener in list(self._listeners):
             listener()
         return recordings
+
+    def commit(self, *aggregates: BaseAggregate[UUID]) -> list[Recording[UUID]]:
+        """Saves a command's aggregates in one transaction, like save(); with group commit
+        that transaction may also hold concurrent commands' events. Raises
+        RecordConflictError exactly when saving these aggregates alone would."""
+        if self._committer is None:
+            return self.save(*aggregates)
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        return self._committer.commit(events)
+
+    @property
+    def groups_commits(self) -> bool:
+        """Whether commit() shares transactions (commit_async() needs it)."""
+        return self._committer is not None
+
+    async def commit_async(self, *aggregates: BaseAggregate[UUID]) -> list[Recording[UUID]]:
+        """commit() for a coroutine (group commit only): the event loop goes on serving
+        while the committer thread saves."""
+        if self._committer is None:
+            raise RuntimeError("commit_async() needs group commit (ACCUBOOKS_GROUP_COMMIT)")
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        return await self._committer.commit_async(events)
+
+    def _save_events(self, events: Sequence[Any]) -> list[Recording[UUID]]:
+        return self.save(*events)
+
+    def _slot_taken(self, event: Any) -> bool:
+        version: int = event.originator_version
+        try:
+            return bool(
+                self.recorder.select_events(
+                    event.originator_id, gt=version - 1, lte=version, limit=1
+                )
+            )
+        except (OperationalError, InterfaceError) as e:
+            raise errors.StoreUnavailableError("the event store is unavailable") from e
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+        super().close()
 
     def find(self, aggregate_id: UUID, kind: type[A]) -> A | None:
         """The aggregate with this id if it exists and is of this kind, else None."""
@@ -148,6 +196,9 @@ def open_event_log(settings: Settings) -> EventLog:
     """Opens (and on first use creates) the event store named by the settings."""
     try:
         with locks.schema_lock(settings):
-            return EventLog(env=library_env(settings))
+            return EventLog(
+                env=library_env(settings),
+                group_commit_max=settings.group_commit_max if settings.group_commit else 0,
+            )
     except (OperationalError, InterfaceError, psycopg.OperationalError) as e:
         raise errors.StoreUnavailableError("the event store is unavailable") from e

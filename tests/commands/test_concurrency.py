@@ -95,7 +95,7 @@ def test_sixteen_simultaneous_requests_with_one_key_create_one_scenario(
     assert [r.status_code for r in responses] == [201] * 16, [r.text for r in responses]
     assert len({r.content for r in responses}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 15
-    assert event_log.position() == position + 2
+    # Exactly two events (positions may skip: PostgreSQL spends ids on refused saves).
     assert topics_since(event_log, position) == Counter(
         {"accubooks:Scenario.Created": 1, "accubooks:CommandReceipt.Recorded": 1}
     )
@@ -118,7 +118,7 @@ def test_simultaneous_requests_with_one_key_and_other_bodies_are_refused_but_one
     assert statuses == Counter({201: 1, 422: 7}), [r.text for r in responses]
     refused = [r.json()["error"]["code"] for r in responses if r.status_code == 422]
     assert refused == ["IDEMPOTENCY_KEY_REUSED"] * 7
-    assert event_log.position() == position + 2
+    assert len(notifications_since(event_log, position)) == 2
 
 
 def test_simultaneous_patches_with_one_if_match_let_exactly_one_win(
