@@ -35,6 +35,7 @@ from domain.events import Actor
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
+from perf import lag_bench
 from perf.harness import (
     ADMIN_URL,
     REQUEST_TIMEOUT_S,
@@ -426,16 +427,54 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the catch-up of each projection alone",
     )
+    parser.add_argument(
+        "--lag",
+        action="store_true",
+        help="then measure the projection lag under the read mix (perf.lag_bench) into the"
+        " same report",
+    )
     args = parser.parse_args(argv)
-    deadline = Deadline(time.monotonic() + args.budget_s)
+    report = run(
+        events=args.events,
+        commands=args.commands,
+        budget_s=args.budget_s,
+        admin_url=args.admin_url,
+        each_alone=args.solo,
+        command=" ".join([".venv/bin/python -m perf.projection_bench", *(argv or sys.argv[1:])]),
+    )
+    markdown = render_markdown(report)
+    write_report("projections", markdown, report)
+    print(markdown)
+    print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    ok = report.ok
+    if args.lag:
+        lag = lag_bench.run(commands=args.commands)
+        text = lag_bench.markdown(lag)
+        lag_bench.merge_into_projections_report(text, lag)
+        print(text)
+        ok = ok and lag.ok
+    return 0 if ok else 1
+
+
+def run(
+    *,
+    events: int = 100_000,
+    commands: int = 300,
+    budget_s: float = 900.0,
+    admin_url: str = ADMIN_URL,
+    each_alone: bool = True,
+    command: str = ".venv/bin/python -m perf.projection_bench",
+) -> Report:
+    """The catch-up and latency benchmark; its report (not written)."""
+    deadline = Deadline(time.monotonic() + budget_s)
     load_at_start = round(os.getloadavg()[0], 2)
     date = datetime.now(UTC).isoformat(timespec="seconds")
     with ExitStack() as stack:
-        url = stack.enter_context(postgres_database(args.admin_url))
+        url = stack.enter_context(postgres_database(admin_url))
         settings = Settings(database_url=url)
         log = open_event_log(settings)
         stack.callback(log.close)
-        bulk = write_bulk(log, args.events, deadline)
+        bulk = write_bulk(log, events, deadline)
         end = log.position()
         # Twice: the first run also warms PostgreSQL's cache for the catch-up after it.
         baseline = max(
@@ -444,15 +483,15 @@ def main(argv: list[str] | None = None) -> int:
         caught_up = catch_up(wiring.projection_runner(settings, log), end, deadline)
         solo = (
             {
-                projector.name: catch_up_alone(projector, log, end, args.admin_url, deadline)
+                projector.name: catch_up_alone(projector, log, end, admin_url, deadline)
                 for projector in wiring.projectors()
             }
-            if args.solo
+            if each_alone
             else {}
         )
         latency = (
-            visibility(log, url, args.commands, deadline)
-            if caught_up.finished and args.commands > 0
+            visibility(log, url, commands, deadline)
+            if caught_up.finished and commands > 0
             else None
         )
     ok = (
@@ -460,17 +499,17 @@ def main(argv: list[str] | None = None) -> int:
         and caught_up.finished
         and all(alone.finished for alone in solo.values())
         and latency is not None
-        and latency.visible == args.commands
+        and latency.visible == commands
     )
-    report = Report(
+    return Report(
         ok=ok,
-        command=" ".join([".venv/bin/python -m perf.projection_bench", *(argv or sys.argv[1:])]),
+        command=command,
         machine=Machine(
             nproc=len(os.sched_getaffinity(0)),
             loadavg_1m_at_start=load_at_start,
             loadavg_1m_at_end=round(os.getloadavg()[0], 2),
             python=platform.python_version(),
-            postgres=postgres_version(args.admin_url),
+            postgres=postgres_version(admin_url),
             date=date,
             git_head=git_head(),
         ),
@@ -482,11 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         read_decode_share=round(4 * caught_up.events_per_s / baseline.events_per_s, 2),
         latency=latency,
     )
-    markdown = render_markdown(report)
-    write_report("projections", markdown, report)
-    print(markdown)
-    print(msgspec.json.format(msgspec.json.encode(report)).decode())
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

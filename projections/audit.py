@@ -16,7 +16,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from domain import audit
-from projections.readmodel import Positioned, Tx, iso
+from projections.readmodel import Positioned, Tx, id_text, iso
 
 logger = logging.getLogger("accubooks.projections.audit")
 
@@ -32,6 +32,25 @@ EVENT_COLUMNS = (
     "state",
     "event_hash",
     "chain_hash",
+)
+_EVENT_TYPES = list(
+    zip(
+        EVENT_COLUMNS,
+        (
+            "text",
+            "bigint",
+            "text",
+            "bigint",
+            "text",
+            "text",
+            "text",
+            "text",
+            "bytea",
+            "text",
+            "text",
+        ),
+        strict=True,
+    )
 )
 
 
@@ -59,7 +78,7 @@ class AuditProjector:
     def apply_stored(
         self, tx: Tx, events: Sequence[tuple[DomainEventProtocol[Any], Notification]]
     ) -> None:
-        tenants = sorted({str(t) for e, _ in events if (t := getattr(e, "tenant_id", None))})
+        tenants = sorted({id_text(t) for e, _ in events if (t := getattr(e, "tenant_id", None))})
         heads: dict[str, tuple[int, str, int]] = {
             row["tenant_id"]: (int(row["position"]), row["chain_hash"], int(row["event_count"]))
             for row in tx.select_in(
@@ -75,7 +94,7 @@ class AuditProjector:
             if tenant is None:
                 logger.warning("event at position %d names no tenant: not audited", stored.id)
                 continue
-            tenant_id = str(tenant)
+            tenant_id = id_text(tenant)
             _, previous, count = heads.get(tenant_id, (0, audit.GENESIS, 0))
             hashed = audit.event_hash(
                 stored.id,
@@ -90,7 +109,7 @@ class AuditProjector:
                 (
                     tenant_id,
                     stored.id,
-                    str(stored.originator_id),
+                    id_text(stored.originator_id),
                     stored.originator_version,
                     stored.topic,
                     iso(getattr(event, "timestamp")),  # noqa: B009 (not on the protocol)
@@ -101,18 +120,20 @@ class AuditProjector:
                     chained,
                 )
             )
-        tx.executemany(
-            f"INSERT INTO audit_events ({', '.join(EVENT_COLUMNS)})"
-            f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-            rows,
-        )
-        tx.executemany(
-            "UPDATE audit_heads SET position = ?, chain_hash = ?, event_count = ?"
-            " WHERE tenant_id = ?",
+        tx.insert_rows("audit_events", _EVENT_TYPES, rows)
+        tx.update_rows(
+            "audit_heads",
+            [("position", "bigint"), ("chain_hash", "text"), ("event_count", "bigint")],
+            [("tenant_id", "text")],
             [(*heads[t], t) for t in sorted(known)],
         )
-        tx.executemany(
-            "INSERT INTO audit_heads (position, chain_hash, event_count, tenant_id)"
-            " VALUES (?, ?, ?, ?)",
+        tx.insert_rows(
+            "audit_heads",
+            [
+                ("position", "bigint"),
+                ("chain_hash", "text"),
+                ("event_count", "bigint"),
+                ("tenant_id", "text"),
+            ],
             [(*heads[t], t) for t in sorted(set(heads) - known)],
         )

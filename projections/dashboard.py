@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
-from projections.readmodel import Positioned, Tx, iso
+from projections.readmodel import Positioned, Tx, id_text, iso
 
 _COUNTERS = (
     "scenarios_total",
@@ -22,6 +22,12 @@ _COUNTERS = (
     "forecasts_failed",
 )
 _COLUMNS = ("tenant_id", *_COUNTERS, "by_type", "last_activity_at")
+_TYPED_COLUMNS = [
+    ("tenant_id", "text"),
+    *((c, "bigint") for c in _COUNTERS),
+    ("by_type", "text"),
+    ("last_activity_at", "text"),
+]
 
 
 class DashboardProjector:
@@ -40,7 +46,11 @@ class DashboardProjector:
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
         tenants = sorted(
-            {str(e.tenant_id) for e, _ in events if isinstance(e, Scenario.Event | Forecast.Event)}
+            {
+                id_text(e.tenant_id)
+                for e, _ in events
+                if isinstance(e, Scenario.Event | Forecast.Event)
+            }
         )
         rows: dict[str, dict[str, Any]] = {
             row["tenant_id"]: {**row, "by_type": json.loads(row["by_type"])}
@@ -52,13 +62,15 @@ class DashboardProjector:
             row["id"]: row["status"]
             for row in tx.select_in(
                 "SELECT id, status FROM dashboard_forecasts WHERE id",
-                sorted({str(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}),
+                sorted(
+                    {id_text(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}
+                ),
             )
         }
         for event, _ in events:
             if not isinstance(event, Scenario.Event | Forecast.Event):
                 continue
-            tenant_id = str(event.tenant_id)
+            tenant_id = id_text(event.tenant_id)
             row = rows.get(tenant_id) or rows.setdefault(tenant_id, _empty(tenant_id))
             row["last_activity_at"] = iso(event.timestamp)
             if isinstance(event, Scenario.Created):
@@ -72,27 +84,28 @@ class DashboardProjector:
             elif isinstance(event, Forecast.Requested):
                 row["forecasts_total"] += 1
                 row["forecasts_queued"] += 1
-                statuses[str(event.originator_id)] = QUEUED
+                statuses[id_text(event.originator_id)] = QUEUED
             elif isinstance(event, _STATUS_EVENTS):
-                forecast_id = str(event.originator_id)
+                forecast_id = id_text(event.originator_id)
                 new_status = _STATUS_OF[type(event)]
                 row[f"forecasts_{statuses[forecast_id]}"] -= 1
                 row[f"forecasts_{new_status}"] += 1
                 statuses[forecast_id] = new_status
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
-        tx.executemany(
-            f"INSERT INTO dashboard_tenants ({', '.join(_COLUMNS)})"
-            f" VALUES ({','.join('?' * len(_COLUMNS))})"
-            f" ON CONFLICT (tenant_id) DO UPDATE SET {updates}",
+        tx.insert_rows(
+            "dashboard_tenants",
+            _TYPED_COLUMNS,
             [
                 [json.dumps(row[c], sort_keys=True) if c == "by_type" else row[c] for c in _COLUMNS]
                 for row in rows.values()
             ],
+            f"ON CONFLICT (tenant_id) DO UPDATE SET {updates}",
         )
-        tx.executemany(
-            "INSERT INTO dashboard_forecasts (id, status) VALUES (?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET status = excluded.status",
+        tx.insert_rows(
+            "dashboard_forecasts",
+            [("id", "text"), ("status", "text")],
             sorted(statuses.items()),
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status",
         )
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
-from projections.readmodel import Positioned, Tx, iso
+from projections.readmodel import Positioned, Tx, id_text, iso
 
 ANY = ""  # the filter value meaning "any" in forecasts_counts
 
@@ -48,7 +48,7 @@ class ForecastsProjector:
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
         wanted = sorted(
-            {str(e.scenario_id) for e, _ in events if isinstance(e, Forecast.Requested)}
+            {id_text(e.scenario_id) for e, _ in events if isinstance(e, Forecast.Requested)}
         )
         scenarios: dict[str, dict[str, Any]] = {
             row["id"]: dict(row)
@@ -57,7 +57,7 @@ class ForecastsProjector:
             )
         }
         changed_ids = sorted(
-            {str(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}
+            {id_text(e.originator_id) for e, _ in events if isinstance(e, _STATUS_EVENTS)}
         )
         # Rows stored before this batch whose status changes in it; rows the batch creates.
         stored: dict[str, dict[str, Any]] = {
@@ -70,42 +70,52 @@ class ForecastsProjector:
         counts: dict[tuple[str, str, str], int] = {}
         for event, _ in events:
             if isinstance(event, Scenario.Created):
-                scenario_id = str(event.originator_id)
+                scenario_id = id_text(event.originator_id)
                 scenario_type = event.assumptions["type"]
                 scenarios[scenario_id] = {
                     "id": scenario_id,
                     "name": event.name,
                     "type": scenario_type,
                 }
-                new_scenarios.append((scenario_id, str(event.tenant_id), event.name, scenario_type))
+                new_scenarios.append(
+                    (scenario_id, id_text(event.tenant_id), event.name, scenario_type)
+                )
             elif isinstance(event, Scenario.Renamed):
-                scenario_id = str(event.originator_id)
+                scenario_id = id_text(event.originator_id)
                 if scenario_id in scenarios:
                     scenarios[scenario_id]["name"] = event.name
-                renames.append((event.name, str(event.tenant_id), scenario_id))
+                renames.append((event.name, id_text(event.tenant_id), scenario_id))
             elif isinstance(event, Forecast.Requested):
-                row = _new_row(event, scenarios[str(event.scenario_id)])
+                row = _new_row(event, scenarios[id_text(event.scenario_id)])
                 created[row["id"]] = row
                 _count(counts, row, +1)
             elif isinstance(event, _STATUS_EVENTS):
-                forecast_id = str(event.originator_id)
+                forecast_id = id_text(event.originator_id)
                 row = created.get(forecast_id) or stored[forecast_id]
                 _count(counts, row, -1)
                 _change_status(row, event)
                 _count(counts, row, +1)
-        tx.executemany(
-            "INSERT INTO forecasts_scenarios (id, tenant_id, name, type) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (id) DO NOTHING",
+        tx.insert_rows(
+            "forecasts_scenarios",
+            [("id", "text"), ("tenant_id", "text"), ("name", "text"), ("type", "text")],
             new_scenarios,
+            "ON CONFLICT (id) DO NOTHING",
         )
-        tx.executemany(
-            f"INSERT INTO forecasts_rows ({_COLUMNS}) VALUES ({','.join('?' * 12)})"
-            " ON CONFLICT (tenant_id, id) DO NOTHING",
+        tx.insert_rows(
+            "forecasts_rows",
+            _TYPED_COLUMNS,
             [[row[c] for c in _COLUMN_NAMES] for row in created.values()],
+            "ON CONFLICT (tenant_id, id) DO NOTHING",
         )
-        tx.executemany(
-            "UPDATE forecasts_rows SET status = ?, completed_at = ?, failure_reason = ?,"
-            " result = ? WHERE tenant_id = ? AND id = ?",
+        tx.update_rows(
+            "forecasts_rows",
+            [
+                ("status", "text"),
+                ("completed_at", "text"),
+                ("failure_reason", "text"),
+                ("result", "text"),
+            ],
+            [("tenant_id", "text"), ("id", "text")],
             [
                 [
                     row["status"],
@@ -118,30 +128,44 @@ class ForecastsProjector:
                 for row in stored.values()
             ],
         )
-        # Renames apply after the rows of this batch exist (the last one is the latest).
-        tx.executemany(
-            "UPDATE forecasts_scenarios SET name = ? WHERE tenant_id = ? AND id = ?", renames
+        # Renames apply after the rows of this batch exist; the last one of a scenario
+        # is its name.
+        latest_names = [
+            [name, tenant_id, scenario_id]
+            for (tenant_id, scenario_id), name in {(t, i): n for n, t, i in renames}.items()
+        ]
+        key = [("tenant_id", "text"), ("id", "text")]
+        tx.update_rows("forecasts_scenarios", [("name", "text")], key, latest_names)
+        tx.update_rows(
+            "forecasts_rows",
+            [("scenario_name", "text")],
+            [("tenant_id", "text"), ("scenario_id", "text")],
+            latest_names,
         )
-        tx.executemany(
-            "UPDATE forecasts_rows SET scenario_name = ? WHERE tenant_id = ? AND scenario_id = ?",
-            renames,
-        )
-        tx.executemany(
-            "INSERT INTO forecasts_counts (tenant_id, scenario_id, status, n) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (tenant_id, scenario_id, status) DO UPDATE"
+        tx.insert_rows(
+            "forecasts_counts",
+            [("tenant_id", "text"), ("scenario_id", "text"), ("status", "text"), ("n", "bigint")],
+            [[*k, n] for k, n in sorted(counts.items()) if n],
+            "ON CONFLICT (tenant_id, scenario_id, status) DO UPDATE"
             " SET n = forecasts_counts.n + excluded.n",
-            [[*key, n] for key, n in sorted(counts.items()) if n],
         )
 
 
 _STATUS_EVENTS = (Forecast.Started, Forecast.Completed, Forecast.Failed)
 _COLUMN_NAMES = [c.strip() for c in _COLUMNS.split(",")]
+_TYPED_COLUMNS = list(
+    zip(
+        _COLUMN_NAMES,
+        ("text",) * 6 + ("bigint", "bigint", "text", "text", "text", "text"),
+        strict=True,
+    )
+)
 
 
 def _new_row(event: Forecast.Requested, scenario: dict[str, Any]) -> dict[str, Any]:
     return {
-        "tenant_id": str(event.tenant_id),
-        "id": str(event.originator_id),
+        "tenant_id": id_text(event.tenant_id),
+        "id": id_text(event.originator_id),
         "scenario_id": scenario["id"],
         "scenario_name": scenario["name"],
         "scenario_type": scenario["type"],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from domain.forecast import QUEUED, RUNNING, Forecast
-from projections.readmodel import Positioned, Tx
+from projections.readmodel import Positioned, Tx, id_text
 
 
 class QueueProjector:
@@ -21,18 +21,38 @@ class QueueProjector:
         ]
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
-        # Applied in log order; finished forecasts leave the table.
+        # The batch is folded to one change per forecast (events come in log order:
+        # requested, started, then finished), then each kind is written in one statement.
+        inserted: dict[str, list[str]] = {}  # id -> [tenant_id, status]
+        started: set[str] = set()
+        finished: set[str] = set()
         for event, _ in events:
             if isinstance(event, Forecast.Requested):
-                tx.execute(
-                    "INSERT INTO queue_active (id, tenant_id, status) VALUES (?, ?, ?)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    [str(event.originator_id), str(event.tenant_id), QUEUED],
+                inserted.setdefault(
+                    id_text(event.originator_id), [id_text(event.tenant_id), QUEUED]
                 )
             elif isinstance(event, Forecast.Started):
-                tx.execute(
-                    "UPDATE queue_active SET status = ? WHERE id = ?",
-                    [RUNNING, str(event.originator_id)],
-                )
+                forecast_id = id_text(event.originator_id)
+                if forecast_id in inserted:
+                    inserted[forecast_id][1] = RUNNING
+                else:
+                    started.add(forecast_id)
             elif isinstance(event, Forecast.Completed | Forecast.Failed):
-                tx.execute("DELETE FROM queue_active WHERE id = ?", [str(event.originator_id)])
+                # Finished forecasts leave the table, whatever came before in the batch.
+                forecast_id = id_text(event.originator_id)
+                inserted.pop(forecast_id, None)
+                started.discard(forecast_id)
+                finished.add(forecast_id)
+        tx.delete_in("queue_active", "id", sorted(finished))
+        tx.update_rows(
+            "queue_active",
+            [("status", "text")],
+            [("id", "text")],
+            [(RUNNING, forecast_id) for forecast_id in sorted(started)],
+        )
+        tx.insert_rows(
+            "queue_active",
+            [("id", "text"), ("tenant_id", "text"), ("status", "text")],
+            [(forecast_id, *row) for forecast_id, row in inserted.items()],
+            "ON CONFLICT (id) DO NOTHING",
+        )

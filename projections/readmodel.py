@@ -8,6 +8,8 @@ recorded in the transaction that moved the position past it (see projections.par
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
@@ -28,13 +30,28 @@ from projections.errors import NotParkedError
 Positioned = tuple[DomainEventProtocol[Any], int]
 
 
+# The text forms below are cached: every read model formats the same ids and times of
+# the same events again (a rebuild hands one decoded event to all of them), and
+# formatting costs more than a lookup. Equal values format equally (aware datetimes
+# equal as instants), so a cached answer is the answer.
+_FORMATTED = 1 << 16
+
+
+@functools.lru_cache(maxsize=_FORMATTED)
 def iso(moment: datetime) -> str:
     """Fixed-width UTC RFC 3339, so text order is time order (keyset paging relies on it)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=_FORMATTED)
 def month_of(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+@functools.lru_cache(maxsize=_FORMATTED)
+def id_text(value: object) -> str:
+    """An id (a UUID) as stored in read-model rows: ``str(value)``."""
+    return str(value)
 
 
 class Tx:
@@ -54,6 +71,70 @@ class Tx:
         if rows:
             self._cursor.executemany(self._sql(sql), [tuple(row) for row in rows])
 
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, str]],
+        rows: Sequence[Sequence[Any]],
+        suffix: str = "",
+    ) -> None:
+        """Inserts ``rows`` (values in the order of ``columns``, each a name and its
+        PostgreSQL type) with one statement per batch on PostgreSQL: the rows travel as one
+        array per column and ``unnest`` turns them back into rows, so the server plans
+        and runs one INSERT instead of one per row. ``suffix`` (an ON CONFLICT clause)
+        applies to every row; the rows' keys must then be distinct, as PostgreSQL
+        refuses to change one row twice in a statement."""
+        if not rows:
+            return
+        names = ", ".join(name for name, _ in columns)
+        if not self._postgres:
+            marks = ",".join("?" * len(columns))
+            self.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) {suffix}", rows)
+            return
+        arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
+        self._cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {suffix}",
+            [list(column) for column in zip(*rows, strict=True)],
+        )
+
+    def update_rows(
+        self,
+        table: str,
+        changed: Sequence[tuple[str, str]],
+        keys: Sequence[tuple[str, str]],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        """``UPDATE table SET changed... WHERE keys...`` for many rows (each the changed
+        values, then the key values); one statement on PostgreSQL, as ``insert_rows``.
+        Keys must be distinct: an UPDATE joined to two rows of one key keeps either."""
+        if not rows:
+            return
+        if not self._postgres:
+            sets = ", ".join(f"{name} = ?" for name, _ in changed)
+            where = " AND ".join(f"{name} = ?" for name, _ in keys)
+            self.executemany(f"UPDATE {table} SET {sets} WHERE {where}", rows)
+            return
+        columns = [*changed, *keys]
+        arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
+        aliases = ", ".join(f"u_{name}" for name, _ in columns)
+        sets = ", ".join(f"{name} = u.u_{name}" for name, _ in changed)
+        where = " AND ".join(f"t.{name} = u.u_{name}" for name, _ in keys)
+        self._cursor.execute(
+            f"UPDATE {table} AS t SET {sets} FROM unnest({arrays}) AS u({aliases}) WHERE {where}",
+            [list(column) for column in zip(*rows, strict=True)],
+        )
+
+    def delete_in(self, table: str, column: str, values: Sequence[str]) -> None:
+        """Deletes the rows whose text ``column`` is one of ``values``."""
+        if not values:
+            return
+        if self._postgres:
+            self._cursor.execute(
+                f"DELETE FROM {table} WHERE {column} = ANY(%b::text[])", [list(values)]
+            )
+        else:
+            self.executemany(f"DELETE FROM {table} WHERE {column} = ?", [[v] for v in values])
+
     def fetchall(self) -> list[Mapping[str, Any]]:
         rows: list[Mapping[str, Any]] = self._cursor.fetchall()
         return rows
@@ -68,6 +149,18 @@ class Tx:
             self.execute(f"{sql_before_in} IN ({','.join('?' * len(part))})", part)
             rows.extend(self.fetchall())
         return rows
+
+
+def _pipelined(cursor: Any, *, postgres: bool) -> contextlib.AbstractContextManager[Any]:
+    """PostgreSQL: sends a batch's statements without waiting for each one's answer
+    (pipeline mode); only a read (``fetchall``) waits, and the rest is answered at once at
+    the end. A round trip costs the most on a busy machine (the server's process and
+    ours each wait to be scheduled), and a batch writes several tables. An error still
+    surfaces before the transaction commits, and rolls it back whole."""
+    if not postgres:
+        return contextlib.nullcontext()
+    pipeline: contextlib.AbstractContextManager[Any] = cursor.connection.pipeline()
+    return pipeline
 
 
 class Projector(Protocol):
@@ -147,7 +240,10 @@ class _ReadModel:
         it exactly once, and it is never lost. The tracking row is written first: it takes
         the write lock at once, and a stale position (another worker got there first)
         fails before any row changes."""
-        with self.datastore.transaction(commit=True) as cursor:  # type: ignore[attr-defined]
+        with (
+            self.datastore.transaction(commit=True) as cursor,  # type: ignore[attr-defined]
+            _pipelined(cursor, postgres=self.is_postgres),
+        ):
             if self.is_postgres:
                 # A view and its position are lost or kept together, so a crash may only
                 # replay a batch: the durability of every event is the log's, not ours.

@@ -11,12 +11,13 @@ one short transaction.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TextIO
 from uuid import UUID
@@ -26,7 +27,8 @@ from eventsourcing.persistence import Notification
 
 from infra import coordination
 from infra.cache import GenerationBumper, Invalidator, open_cache
-from infra.eventstore import EventLog
+from infra.eventstore import EventLog, open_event_log
+from infra.logreader import LogReader
 from infra.settings import Settings
 from projections import compare, shadow
 from projections.compare import TableDiff
@@ -39,6 +41,13 @@ _REBUILD_LOCK = "rebuild"
 # as a rebuild waits on no one and each transaction costs round trips.
 DEFAULT_BATCH = 2000
 MAX_BATCH = 5000
+# Processes a PostgreSQL rebuild replays in (the read models split between them), and
+# the fewest events worth starting them for: a process costs about a second to start,
+# and one process cannot use more than one core (the projectors are Python).
+DEFAULT_PROCESSES = 2
+PARALLEL_MIN_EVENTS = 50_000
+# Relative Python work per event of each read model, to balance the processes.
+_WEIGHTS = {"scenarios": 3, "forecasts": 3, "audit": 3, "dashboard": 1, "usage": 1, "queue": 1}
 # Rounds of catching up with moving live models before each is compared, at most: what
 # is left is applied inside the comparison's snapshot.
 _OUTSIDE_ROUNDS = 3
@@ -96,6 +105,8 @@ def rebuild(
     switch: bool = False,
     batch_size: int = DEFAULT_BATCH,
     progress: Progress | None = None,
+    processes: int = DEFAULT_PROCESSES,
+    parallel_min_events: int = PARALLEL_MIN_EVENTS,
 ) -> RebuildReport:
     """Rebuilds ``projectors`` into shadows; ``verify`` diffs each with its live model at
     the live model's position; ``switch`` then brings each shadow to the log's head and
@@ -121,7 +132,18 @@ def rebuild(
         # to the log's head.
         head = log.position()
         targets = {b.name: b.live.position() if verify else head for b in builds}
-        events = _replay(log, builds, targets, batch_size, progress)
+        span = max(targets.values(), default=0)
+        if (
+            processes > 1
+            and len(builds) > 1
+            and settings.database_url
+            and span >= parallel_min_events
+        ):
+            events = _replay_in_processes(
+                settings, builds, targets, batch_size, progress, processes
+            )
+        else:
+            events = _replay(log, builds, targets, batch_size, progress)
         if progress is not None:
             progress.done()
         replay_seconds = time.monotonic() - started
@@ -190,17 +212,16 @@ def _replay(
     if progress is not None:
         progress.start(position, stop)
     read = 0
-    mapper = log.mapper
+    reader = LogReader(log)
     # Each read model applies a page on its own connection, in its own thread: the
     # database works for one while Python works for another.
     with ThreadPoolExecutor(len(behind), thread_name_prefix="rebuild") as pool:
         while behind:
-            page = log.recorder.select_notifications(
-                start=position, limit=batch_size, stop=stop, inclusive_of_start=False
-            )
+            decoded = reader.page(after=position, stop=stop, limit=batch_size)
+            page = [stored for _, stored in decoded]
             # A short page means the log holds nothing more up to ``stop``.
             end = page[-1].id if len(page) == batch_size else stop
-            events = [(mapper.to_domain_event(n), n.id) for n in page]
+            events = [(event, stored.id) for event, stored in decoded]
             applying: list[tuple[_Build, int, Future[None]]] = []
             for b in behind:
                 reach = min(end, targets[b.name])
@@ -223,6 +244,75 @@ def _replay(
             if progress is not None:
                 progress.advance(len(page), position)
     return read
+
+
+def _replay_in_processes(
+    settings: Settings,
+    builds: Sequence[_Build],
+    targets: Mapping[str, int],
+    batch_size: int,
+    progress: Progress | None,
+    processes: int,
+) -> int:
+    """``_replay`` with the read models split between processes (spawned, so that none
+    inherits this one's pools and threads), each reading and decoding the log itself;
+    the events read, counted once. The shadows exist already: a process only applies to
+    them; their positions come back with the results."""
+    groups: list[list[_Build]] = [[] for _ in range(min(processes, len(builds)))]
+    for b in sorted(builds, key=lambda b: -_WEIGHTS.get(b.name, 1)):
+        min(groups, key=lambda g: sum(_WEIGHTS.get(x.name, 1) for x in g)).append(b)
+    first = min(b.position for b in builds)
+    if progress is not None:
+        progress.start(first, max(targets.values()))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+        running = [
+            pool.submit(
+                _replay_group,
+                settings,
+                [b.projector for b in group],
+                {b.name: targets[b.name] for b in group},
+                batch_size,
+            )
+            for group in groups
+        ]
+        shown = first
+        while futures.wait(running, timeout=1.0).not_done:
+            if progress is not None:
+                reached = min(b.shadow.position() for b in builds)
+                progress.advance(max(0, reached - shown), reached)
+                shown = max(shown, reached)
+        read = 0
+        for future in running:
+            positions, events = future.result()
+            read = max(read, events)
+            for b in builds:
+                if b.name in positions:
+                    b.position = positions[b.name]
+    if progress is not None:
+        progress.advance(0, min(b.position for b in builds))
+    return read
+
+
+def _replay_group(
+    settings: Settings, projectors: Sequence[Projector], targets: Mapping[str, int], batch_size: int
+) -> tuple[dict[str, int], int]:
+    """In a process of a parallel replay: applies the log to these read models' shadows
+    (from where they are) up to their targets; their positions and the events read."""
+    log = open_event_log(settings)
+    with contextlib.ExitStack() as stack:
+        stack.callback(log.close)
+        builds: list[_Build] = []
+        for projector in projectors:
+            rebuilt = shadow.open_shadow(settings, projector, fresh=False)
+            stack.callback(rebuilt.datastore.close)
+            builds.append(
+                _Build(
+                    projector=projector, live=rebuilt, shadow=rebuilt, position=rebuilt.position()
+                )
+            )
+        read = _replay(log, builds, targets, batch_size, None)
+        return {b.name: b.position for b in builds}, read
 
 
 def _apply(

@@ -10,13 +10,20 @@ from typing import Any, ClassVar
 
 from domain.forecast import COMPLETED, FAILED, QUEUED, RUNNING, Forecast
 from domain.scenario import Scenario
-from projections.readmodel import Positioned, Tx, iso
+from projections.readmodel import Positioned, Tx, id_text, iso
 
 LATEST_FORECASTS = 10
 
 _COLUMNS = (
     "tenant_id, id, created_at, updated_at, name, type, status, version, baseline, "
     "assumptions, forecast_count, latest_forecasts"
+)
+_TYPED_COLUMNS = list(
+    zip(
+        (c.strip() for c in _COLUMNS.split(",")),
+        ("text",) * 7 + ("bigint", "text", "text", "bigint", "text"),
+        strict=True,
+    )
 )
 
 
@@ -48,20 +55,20 @@ class ScenariosProjector:
             row["forecast_id"]: row["scenario_id"]
             for row in tx.select_in(
                 "SELECT forecast_id, scenario_id FROM scenarios_forecast_owner WHERE forecast_id",
-                sorted({str(e.originator_id) for e in status_changes}),
+                sorted({id_text(e.originator_id) for e in status_changes}),
             )
         }
         owner_of.update(
-            (str(e.originator_id), str(e.scenario_id))
+            (id_text(e.originator_id), id_text(e.scenario_id))
             for e, _ in events
             if isinstance(e, Forecast.Requested)
         )
-        ids = {str(e.originator_id) for e, _ in events if isinstance(e, Scenario.Event)}
-        ids |= {str(e.scenario_id) for e, _ in events if isinstance(e, Forecast.Requested)}
+        ids = {id_text(e.originator_id) for e, _ in events if isinstance(e, Scenario.Event)}
+        ids |= {id_text(e.scenario_id) for e, _ in events if isinstance(e, Forecast.Requested)}
         ids |= {
-            owner_of[str(e.originator_id)]
+            owner_of[id_text(e.originator_id)]
             for e in status_changes
-            if str(e.originator_id) in owner_of
+            if id_text(e.originator_id) in owner_of
         }
         rows: dict[str, dict[str, Any]] = {
             row["id"]: dict(row)
@@ -75,35 +82,38 @@ class ScenariosProjector:
                 rows[row["id"]] = row
                 new_per_tenant[row["tenant_id"]] = new_per_tenant.get(row["tenant_id"], 0) + 1
             elif isinstance(event, Scenario.Event):
-                _change(rows[str(event.originator_id)], event)
+                _change(rows[id_text(event.originator_id)], event)
             elif isinstance(event, Forecast.Requested):
-                scenario = rows.get(str(event.scenario_id))
+                scenario = rows.get(id_text(event.scenario_id))
                 if scenario is not None:
                     _add_forecast(scenario, event)
-                    owners.append((str(event.originator_id), str(event.scenario_id)))
+                    owners.append((id_text(event.originator_id), id_text(event.scenario_id)))
             elif isinstance(event, _STATUS_EVENTS):
-                owner = rows.get(owner_of.get(str(event.originator_id), ""))
+                owner = rows.get(owner_of.get(id_text(event.originator_id), ""))
                 if owner is not None:
                     _update_summary(owner, event)
-        tx.executemany(
-            f"INSERT INTO scenarios_rows ({_COLUMNS}) VALUES ({','.join('?' * 12)})"
-            " ON CONFLICT (tenant_id, id) DO UPDATE SET updated_at = excluded.updated_at,"
+        tx.insert_rows(
+            "scenarios_rows",
+            _TYPED_COLUMNS,
+            [[row[c] for c, _ in _TYPED_COLUMNS] for row in rows.values()],
+            "ON CONFLICT (tenant_id, id) DO UPDATE SET updated_at = excluded.updated_at,"
             " name = excluded.name, status = excluded.status, version = excluded.version,"
             " baseline = excluded.baseline, assumptions = excluded.assumptions,"
             " forecast_count = excluded.forecast_count,"
             " latest_forecasts = excluded.latest_forecasts",
-            [[row[c.strip()] for c in _COLUMNS.split(",")] for row in rows.values()],
         )
-        tx.executemany(
-            "INSERT INTO scenarios_tenants (tenant_id, total) VALUES (?, ?)"
-            " ON CONFLICT (tenant_id) DO UPDATE"
-            " SET total = scenarios_tenants.total + excluded.total",
+        tx.insert_rows(
+            "scenarios_tenants",
+            [("tenant_id", "text"), ("total", "bigint")],
             sorted(new_per_tenant.items()),
+            "ON CONFLICT (tenant_id) DO UPDATE"
+            " SET total = scenarios_tenants.total + excluded.total",
         )
-        tx.executemany(
-            "INSERT INTO scenarios_forecast_owner (forecast_id, scenario_id) VALUES (?, ?)"
-            " ON CONFLICT (forecast_id) DO NOTHING",
+        tx.insert_rows(
+            "scenarios_forecast_owner",
+            [("forecast_id", "text"), ("scenario_id", "text")],
             owners,
+            "ON CONFLICT (forecast_id) DO NOTHING",
         )
 
 
@@ -115,8 +125,8 @@ def _new_row(event: Scenario.Created) -> dict[str, Any]:
     scenario_type = assumptions.pop("type")
     at = iso(event.timestamp)
     return {
-        "tenant_id": str(event.tenant_id),
-        "id": str(event.originator_id),
+        "tenant_id": id_text(event.tenant_id),
+        "id": id_text(event.originator_id),
         "created_at": at,
         "updated_at": at,
         "name": event.name,
@@ -147,7 +157,7 @@ def _change(row: dict[str, Any], event: Scenario.Event) -> None:
 
 def _add_forecast(row: dict[str, Any], event: Forecast.Requested) -> None:
     summary: Mapping[str, Any] = {
-        "id": str(event.originator_id),
+        "id": id_text(event.originator_id),
         "status": QUEUED,
         "horizonMonths": event.horizon_months,
         "paths": event.paths,
@@ -163,7 +173,7 @@ def _update_summary(row: dict[str, Any], event: Any) -> None:
     """A forecast among the latest 10 shows its new status; older ones are not listed."""
     latest = json.loads(row["latest_forecasts"])
     for summary in latest:
-        if summary["id"] == str(event.originator_id):
+        if summary["id"] == id_text(event.originator_id):
             if isinstance(event, Forecast.Started):
                 summary["status"] = RUNNING
             else:

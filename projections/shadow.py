@@ -48,14 +48,16 @@ def shadow_file(settings: Settings, name: str) -> str:
     return projection_file(settings, name).removesuffix(".sqlite") + ".shadow.sqlite"
 
 
-def open_shadow(settings: Settings, projector: Projector) -> ReadModel:
-    """An empty shadow of the projector's read model (a previous one is dropped)."""
+def open_shadow(settings: Settings, projector: Projector, *, fresh: bool = True) -> ReadModel:
+    """An empty shadow of the projector's read model (a previous one is dropped); with
+    ``fresh=False``, the shadow as it is (another process of the same rebuild made it)."""
     env = {**projection_env(settings, projector.name), "CREATE_TABLE": "n"}
     if settings.database_url:
         env["POSTGRES_SCHEMA"] = SHADOW_SCHEMA
     else:
         env["SQLITE_DBNAME"] = path = shadow_file(settings, projector.name)
-        _remove_sqlite(path)
+        if fresh:
+            _remove_sqlite(path)
     factory = InfrastructureFactory.construct(Environment(projector.name, env))
     model: ReadModel
     if settings.database_url:
@@ -69,6 +71,8 @@ def open_shadow(settings: Settings, projector: Projector) -> ReadModel:
     else:
         model = cast(SQLiteReadModel, factory.tracking_recorder(SQLiteReadModel))
     model.install(projector)
+    if not fresh:
+        return model
     with locks.schema_lock(settings):
         if isinstance(model, PostgresReadModel):
             with model.datastore.transaction(commit=True) as cursor:

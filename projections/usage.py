@@ -10,7 +10,7 @@ from domain.events import Attributed
 from domain.forecast import Forecast
 from domain.receipt import CommandReceipt
 from domain.scenario import Scenario
-from projections.readmodel import Positioned, Tx, month_of
+from projections.readmodel import Positioned, Tx, id_text, month_of
 
 _COUNTERS = (
     "scenarios_created",
@@ -37,7 +37,7 @@ class UsageProjector:
         for event, _ in events:
             if not isinstance(event, Attributed):
                 continue
-            key = (str(event.tenant_id), month_of(event.timestamp))  # type: ignore[attr-defined]
+            key = (id_text(event.tenant_id), month_of(event.timestamp))  # type: ignore[attr-defined]
             delta = deltas.setdefault(key, {**dict.fromkeys(_COUNTERS, 0), "compute_seconds": 0.0})
             delta["events_appended"] += 1
             if isinstance(event, CommandReceipt.Recorded):
@@ -48,12 +48,17 @@ class UsageProjector:
                 delta["forecasts_requested"] += 1
             elif isinstance(event, Forecast.Completed):
                 delta["forecasts_completed"] += 1
-                delta["compute_seconds"] += event.compute_seconds
+                delta["compute_seconds"] += float(event.compute_seconds)
         columns = (*_COUNTERS, "compute_seconds")
         additions = ", ".join(f"{c} = usage_months.{c} + excluded.{c}" for c in columns)
-        tx.executemany(
-            f"INSERT INTO usage_months (tenant_id, month, {', '.join(columns)})"
-            f" VALUES ({','.join('?' * (len(columns) + 2))})"
-            f" ON CONFLICT (tenant_id, month) DO UPDATE SET {additions}",
+        tx.insert_rows(
+            "usage_months",
+            [
+                ("tenant_id", "text"),
+                ("month", "text"),
+                *((c, "bigint") for c in _COUNTERS),
+                ("compute_seconds", "double precision"),
+            ],
             [[*key, *(delta[c] for c in columns)] for key, delta in sorted(deltas.items())],
+            f"ON CONFLICT (tenant_id, month) DO UPDATE SET {additions}",
         )
