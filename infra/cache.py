@@ -192,11 +192,14 @@ def bump_channel(prefix: str) -> str:
 
 # KEYS: generation keys; ARGV: the channel, a fresh generation. Publishes one line per
 # key, "<key> <new value>" (keys never contain spaces or newlines: prefix, uuid, name).
+# The new value is read back as a string: INCR's reply is a Lua number (a double), which
+# would print a clock-sized generation as 1.7959647333915e+18 and lose the announcement.
 _BUMP_SCRIPT = """
 local lines = {}
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, ARGV[2], 'NX')
-  lines[i] = key .. ' ' .. redis.call('INCR', key)
+  redis.call('INCR', key)
+  lines[i] = key .. ' ' .. redis.call('GET', key)
 end
 redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
 return #lines

@@ -152,6 +152,26 @@ def test_a_change_reaches_the_next_read_in_every_api_process(
             warmed(api, tenant, 2)
 
 
+def test_the_bump_alone_reaches_a_process_that_never_sent_the_token(
+    settings: Settings, event_log: EventLog, tenant: Tenant, private: PrivateRedis
+) -> None:
+    # No read with a token refreshes the memory here: only the announcement can. (Clock-
+    # sized generations once printed as floats in it and were lost.)
+    deployed = on_redis(settings, private.url)
+    with ExitStack() as stack:
+        runner = stack.enter_context(projecting(deployed, event_log))
+        reader_api = stack.enter_context(TestClient(create_app(deployed, event_log=event_log)))
+        writer_api = stack.enter_context(TestClient(create_app(deployed, event_log=event_log)))
+        first = create_scenario(writer_api, tenant)
+        assert runner.wait_for(int(first), PROJECTED_S)
+        wait_fed(reader_api)
+        warmed(reader_api, tenant, 1)
+
+        token = create_scenario(writer_api, tenant)
+        assert runner.wait_for(int(token), PROJECTED_S)
+        eventually_total(reader_api, tenant, 2, VISIBLE_S)
+
+
 def test_a_closed_bump_channel_never_serves_an_answer_a_bump_made_stale(
     settings: Settings, event_log: EventLog, tenant: Tenant, private: PrivateRedis
 ) -> None:
