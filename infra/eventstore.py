@@ -24,7 +24,7 @@ from eventsourcing.utils import Environment
 
 # Importing the aggregates registers their pinned topics, so stored events decode.
 from domain import api_key, forecast, receipt, scenario, tenant  # noqa: F401
-from infra import errors, locks
+from infra import errors, locks, storeguard
 from infra.groupcommit import GroupCommitter
 from infra.settings import Settings
 
@@ -196,9 +196,13 @@ def open_event_log(settings: Settings) -> EventLog:
     """Opens (and on first use creates) the event store named by the settings."""
     try:
         with locks.schema_lock(settings):
-            return EventLog(
+            log = EventLog(
                 env=library_env(settings),
                 group_commit_max=settings.group_commit_max if settings.group_commit else 0,
             )
+        if settings.database_url:
+            # Fail fast while PostgreSQL is down, a fresh pool once it is back.
+            storeguard.guard(log.recorder.datastore, settings.database_url)  # type: ignore[attr-defined]
+        return log
     except (OperationalError, InterfaceError, psycopg.OperationalError) as e:
         raise errors.StoreUnavailableError("the event store is unavailable") from e

@@ -22,7 +22,7 @@ from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Composed
 
-from infra import locks
+from infra import locks, storeguard
 from infra.eventstore import EventLog, projection_env
 from infra.settings import Settings
 from projections.errors import NotParkedError
@@ -344,6 +344,10 @@ def open_read_model(settings: Settings, projector: Projector) -> ReadModel:
     else:
         model = factory.tracking_recorder(SQLiteReadModel)  # type: ignore[assignment]
     model.install(projector)
+    if settings.database_url:
+        # Fail fast while PostgreSQL is down, a fresh pool once it is back (the worker
+        # retries meanwhile; the library's pool backoff would otherwise hold it for minutes).
+        storeguard.guard(model.datastore, settings.database_url, name=f"{projector.name} store")
     with locks.schema_lock(settings):
         model.create_table()
     return model
