@@ -43,7 +43,14 @@ from infra.clock import utc_now
 from infra.eventstore import open_event_log
 from infra.settings import Settings
 from perf import read_mix
-from perf.harness import REPORTS, REQUEST_TIMEOUT_S, Deadline, git_head, postgres_database
+from perf.harness import (
+    REPORTS,
+    REQUEST_TIMEOUT_S,
+    Deadline,
+    git_head,
+    postgres_database,
+    write_report,
+)
 from perf.processes import accubooks, private_redis
 from perf.seeding import SCENARIO_BODY, project_until_caught_up, seed_tenants
 from perf.wrk import LoadShape, Wrk, run_wrk, write_plan, wrk_command
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print(text)
     if args.write:
-        merge_into_projections_report(text, report)
+        write_report("lag", text, report)
     return 0 if report.ok else 1
 
 

@@ -56,7 +56,10 @@ STEPS = [
     Step(
         "read_bench",
         [],
-        ["--duration-s", "5", "--warmup-s", "2", "--tenants", "5", "--scenarios", "50"],
+        [
+            *("--duration-s", "5", "--warmup-s", "2", "--tenants", "5", "--scenarios", "50"),
+            *("--open-loop-s", "5"),
+        ],
         ["read_path"],
         1200,
         "throughput ceiling (wrk, read mix, 100 connections) against the bare hello, "
@@ -65,7 +68,7 @@ STEPS = [
     Step(
         "commands_bench",
         [],
-        ["--requests", "500"],
+        ["--seconds", "3", "--rounds", "1"],
         ["commands"],
         900,
         "write path: commands/s with idempotency on PostgreSQL, 8 and 32 clients, against "
@@ -73,8 +76,8 @@ STEPS = [
     ),
     Step(
         "lag_bench",
-        [],
-        ["--duration-s", "10"],
+        ["--write"],
+        ["--commands", "50", "--write"],
         ["lag"],
         900,
         "projection lag (command acknowledged -> visible) while the read mix runs",
@@ -82,7 +85,7 @@ STEPS = [
     Step(
         "scale_bench",
         [],
-        ["--large", "20000"],
+        ["--large", "20000", "--rounds", "100"],
         ["scale"],
         1200,
         "reads of a 100,000-scenario tenant against a 10-scenario tenant",
