@@ -105,6 +105,8 @@ def _settings(settings: Settings, redis_url: str) -> Settings:
         cache_prefix=f"test-{uuid.uuid4().hex[:12]}:",
         # High: the breaker must not simply open and keep the calls off the link.
         redis_breaker_failures=1_000_000,
+        # Every read goes to Redis: the memory tier in front would answer most of them.
+        cache_local_tier_bytes=0,
         max_in_flight=1000,
         cache_ttl_dashboard_s=ttl,
         cache_ttl_scenarios_s=ttl,
@@ -284,10 +286,11 @@ def test_redis_calls_cancelled_mid_flight_never_answer_another_request(
             _assert_all_right("connections at the budget, reset meanwhile", late_connect)
 
             # The test is only worth something if the budget really cut calls short while
-            # others, on the same pool, got their answers.
+            # others, on the same pool, got their answers (on a fast server most calls
+            # meet the budget: a few dozen answered is plenty to mix replies up).
             for outcome in (late_reply, late_connect):
                 assert outcome.cancelled >= REQUESTS // 10, outcome
-                assert outcome.answered >= REQUESTS // 10, outcome
+                assert outcome.answered >= REQUESTS // 25, outcome
 
             # After the fault: what the chaos left in the cache is right, and read back.
             proxy.forward()
