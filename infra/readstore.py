@@ -30,7 +30,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from infra import errors
+from infra import errors, storeguard
 from infra.eventstore import projection_file
 from infra.settings import Settings
 
@@ -130,6 +130,10 @@ def _shut_down(conn: psycopg.Connection[Any]) -> None:
         dup.close()
 
 
+class _StaleConnectionError(psycopg.OperationalError):
+    """The connection broke under a statement (no answer from the server at all)."""
+
+
 class ReadStore:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -157,6 +161,9 @@ class ReadStore:
                 open=True,
                 name="readstore",
             )
+            self._outage = storeguard.OutageGuard(
+                settings.database_url, self._renew_pool, name="read models"
+            )
 
     def tracking_table(self, projection: str) -> str:
         """Where a projection's position is kept (the library names it per backend)."""
@@ -165,6 +172,7 @@ class ReadStore:
     def query(self, projection: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Runs one statement against a projection's tables (``?`` placeholders)."""
         if self._pool is not None:
+            self._outage.check()
             return self._query_postgres(self._pool, sql, params)
         self._local.deadline = time.monotonic() + self._timeout_s
         try:
@@ -178,20 +186,39 @@ class ReadStore:
         self, pool: psycopg_pool.ConnectionPool[Any], sql: str, params: Sequence[Any]
     ) -> list[Row]:
         try:
-            with pool.connection() as conn:
-                self._watchdog.watch(conn)
-                try:
-                    return list(conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
-                except psycopg.OperationalError as e:
-                    if self._watchdog.release(conn):
-                        raise self._over_budget() from e
-                    raise
-                finally:
-                    self._watchdog.release(conn)
+            try:
+                return self._attempt(pool, sql, params)
+            except _StaleConnectionError:
+                # A pooled connection the server closed (it restarted, or dropped it while
+                # idle): so may the others be. The pool throws this one away, checks the
+                # idle ones (dropping the dead), and a read is safe to send once more.
+                pool.check()
+                return self._attempt(pool, sql, params)
         except psycopg.errors.QueryCanceled as e:
             raise self._over_budget() from e
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+            self._outage.noticed(e)
             raise errors.StoreUnavailableError("the read models are unavailable") from e
+
+    def _attempt(
+        self, pool: psycopg_pool.ConnectionPool[Any], sql: str, params: Sequence[Any]
+    ) -> list[Row]:
+        with pool.connection() as conn:
+            self._watchdog.watch(conn)
+            try:
+                return list(conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
+            except psycopg.OperationalError as e:
+                if self._watchdog.release(conn):
+                    raise self._over_budget() from e
+                if e.sqlstate is None and conn.broken:
+                    raise _StaleConnectionError(str(e)) from e
+                raise
+            finally:
+                self._watchdog.release(conn)
+
+    def _renew_pool(self) -> None:
+        if self._pool is not None:
+            self._pool = storeguard.renewed(self._pool)
 
     def _over_budget(self) -> errors.OperationTimeoutError:
         return errors.OperationTimeoutError(f"the read did not finish within {self._timeout_s:g} s")
@@ -236,6 +263,7 @@ class ReadStore:
     def close(self) -> None:
         self._watchdog.close()
         if self._pool is not None:
+            self._outage.close()
             self._pool.close()
         with self._lock:
             for conn in self._sqlite_connections:
