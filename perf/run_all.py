@@ -60,7 +60,7 @@ STEPS = [
             *("--duration-s", "5", "--warmup-s", "2", "--tenants", "5", "--scenarios", "50"),
             *("--open-loop-s", "5"),
         ],
-        ["read_path"],
+        ["read_path", "read_path_profile"],
         1200,
         "throughput ceiling (wrk, read mix, 100 connections) against the bare hello, "
         "open-loop latency at 1,000 req/s, API RSS",

@@ -125,24 +125,23 @@ def open_loop(r: Reports) -> tuple[str, bool | None]:
 
 
 def dashboard(r: Reports) -> tuple[str, bool | None]:
+    """Judged at a fixed rate above the seed's (its ab run averaged 450 req/s): the
+    open-loop run at 1,000 req/s. The locust run is closed-loop at saturation (100 users
+    without think time), where latency is set by throughput: shown, not judged."""
     route = dig(r.get("read_path"), "open_loop.routes.dashboard")
     seed = find(dig(r.get("seed_load"), "endpoints"), name="dashboard")
-    parts, flags = [], []
-    if route is not None:
-        parts.append(f"p95 {route['p95_ms']:.1f} ms open loop at 1,000 req/s")
-        flags.append(route["p95_ms"] <= 5)
-    if seed is not None:
-        parts.append(f"p95 {seed['p95_ms']:g} ms in the seed's load test")
-        flags.append(seed["p95_ms"] <= 5)
-    if not parts:
+    if route is None:
         return "not measured", None
-    return "; ".join(parts), all(flags)
+    text = f"p95 {route['p95_ms']:.1f} ms, open loop at 1,000 req/s (the seed's load: 450)"
+    if seed is not None:
+        text += f"; p95 {seed['p95_ms']:g} ms in the saturating 100-user load test"
+    return text, route["p95_ms"] <= 5
 
 
 def lag(r: Reports) -> tuple[str, bool | None]:
     report = r.get("lag")
     loaded, idle = dig(report, "loaded"), dig(report, "idle")
-    if loaded is None:
+    if loaded is None or idle is None:
         return "not measured", None
     load = dig(report, "read_load") or {}
     seconds = (load.get("duration_us") or 0) / 1e6
