@@ -1,7 +1,12 @@
 """The dispatcher: follows ForecastRequested events and hands each to the job broker. The
 log is the outbox: the position advances only in the transaction that follows a
 successful send, so a broker outage delays jobs and never loses one (a crash between
-send and commit sends again; the job is idempotent)."""
+send and commit sends again; the job is idempotent).
+
+A forecast that already finished further on in the same batch needs no job: catching up
+on a long log (a new deployment, a rebuilt dispatcher) would otherwise send one message
+per forecast ever requested, and the workers would spend minutes discarding them while
+new requests wait behind them."""
 
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ class DispatchProjector:
         return []
 
     def apply(self, tx: Tx, events: Sequence[Positioned]) -> None:
+        finished = {
+            event.originator_id
+            for event, _ in events
+            if isinstance(event, Forecast.Completed | Forecast.Failed)
+        }
         for event, _ in events:
-            if isinstance(event, Forecast.Requested):
+            if isinstance(event, Forecast.Requested) and event.originator_id not in finished:
                 self._send(str(event.originator_id))
