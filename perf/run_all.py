@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     load_start = round(os.getloadavg()[0], 2)
     until = time.monotonic() + args.budget_s
+    earlier = msgspec.json.decode(RUNS.read_bytes(), type=list[Ran]) if RUNS.exists() else []
     ran: list[Ran] = []
     if not args.report_only:
         REPORTS.mkdir(parents=True, exist_ok=True)
@@ -294,18 +295,16 @@ def main(argv: list[str] | None = None) -> int:
             if remaining <= 0:
                 break
             ran.append(run_step(step, args.quick, remaining))
+        # Kept beside the last runs of the benchmarks not run this time (--only), so the
+        # report covers the whole suite with each benchmark's latest run.
+        now = {r.name for r in ran}
+        order = [s.name for s in STEPS]
+        ran = sorted(
+            [r for r in earlier if r.name not in now] + ran, key=lambda r: order.index(r.name)
+        )
+        RUNS.write_bytes(msgspec.json.format(msgspec.json.encode(ran)))
     else:
-        ran = [
-            Ran(
-                name=s.name,
-                command=f".venv/bin/python -m perf.{s.name}",
-                exit_code=0,
-                seconds=0.0,
-                tail="",
-            )
-            for s in steps
-            if all((REPORTS / f"{n}.json").exists() for n in s.reports)
-        ]
+        ran = [r for r in earlier if r.name in {s.name for s in steps}]
     reports = {name: load(name) for step in STEPS for name in step.reports}
     command = " ".join([".venv/bin/python -m perf.run_all", *(argv or sys.argv[1:])])
     markdown, ok = render(
