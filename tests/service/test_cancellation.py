@@ -51,11 +51,11 @@ REQUEST_ID = "X-Request-Id"
 REDIS_BUDGET_S = 1.0
 # The proxy holds every chunk this long each way. A command on an open connection takes
 # one round trip (two delays), opening a connection takes three more (HELLO and two
-# CLIENT SETINFO). So at LATE_REPLY_S a command on an open connection lands right at the
+# CLIENT SETINFO). So at LATE_REPLY_TRIES a command on an open connection lands right at the
 # budget (some replies come in time, the others are cut while on their way), and at
 # LATE_CONNECT_S commands on open connections are quick while those on new connections
 # land at the budget, cut while connecting or while their command is in flight.
-LATE_REPLY_S = 0.49
+LATE_REPLY_TRIES = (0.49, 0.47, 0.45, 0.42, 0.38, 0.34, 0.3)
 LATE_CONNECT_S = 0.12
 TENANTS = 5
 # Reads of one key share one Redis lookup (single-flight), so the load needs many keys to
@@ -174,6 +174,12 @@ def _counts() -> tuple[float, float]:
     return timeouts or 0.0, answered
 
 
+def _cut_and_answered(outcome: Outcome) -> bool:
+    """Enough calls cut by the budget, and enough answered on the same pool, for a reply
+    to have had the chance to reach the wrong request."""
+    return outcome.cancelled >= REQUESTS // 10 and outcome.answered >= REQUESTS // 25
+
+
 async def _load(
     url: str,
     reads: list[Read],
@@ -277,20 +283,27 @@ def test_redis_calls_cancelled_mid_flight_never_answer_another_request(
             _assert_all_right("healthy link", healthy)
             assert healthy.cancelled == 0 and healthy.degraded == 0, healthy
 
-            proxy.delay(LATE_REPLY_S)
-            late_reply = asyncio.run(_load(url, reads, expected, proxy))
-            _assert_all_right("replies at the budget", late_reply)
+            # The test is only worth something if the budget really cut calls short while
+            # others, on the same pool, got their answers. Where "right at the budget"
+            # falls depends on the machine's speed: the delay steps down until a run has
+            # both (every run must be all right).
+            late_reply = None
+            for delay in LATE_REPLY_TRIES:
+                proxy.delay(delay)
+                outcome = asyncio.run(_load(url, reads, expected, proxy))
+                _assert_all_right(f"replies at the budget ({delay:g} s each way)", outcome)
+                if _cut_and_answered(outcome):
+                    late_reply = outcome
+                    break
+            assert late_reply is not None, "no delay had calls both cut and answered"
 
             proxy.delay(LATE_CONNECT_S)
             late_connect = asyncio.run(_load(url, reads, expected, proxy, reset_between=(0.3, 0.4)))
             _assert_all_right("connections at the budget, reset meanwhile", late_connect)
-
-            # The test is only worth something if the budget really cut calls short while
-            # others, on the same pool, got their answers (on a fast server most calls
-            # meet the budget: a few dozen answered is plenty to mix replies up).
-            for outcome in (late_reply, late_connect):
-                assert outcome.cancelled >= REQUESTS // 10, outcome
-                assert outcome.answered >= REQUESTS // 25, outcome
+            assert _cut_and_answered(late_connect), late_connect
+            # Checked at once too: entries live ENTRY_TTL_S, and stepping the delay down
+            # may take longer than that.
+            during = _assert_entries_belong(private.url, cached.cache_prefix, expected)
 
             # After the fault: what the chaos left in the cache is right, and read back.
             proxy.forward()
@@ -303,5 +316,6 @@ def test_redis_calls_cancelled_mid_flight_never_answer_another_request(
                         )
                         assert response.status_code == 200, (read, response.text)
                         assert response.content == expected[read], read
-            print(f"after the fault: {entries} entries left by the chaos, all right")
-            assert entries > 0
+            # Usually dozens; none when every write of the chaos was cut (then the reads'
+            # own answers above are the whole check).
+            print(f"after the fault: {during} + {entries} entries left by the chaos, all right")
