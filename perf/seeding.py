@@ -23,7 +23,7 @@ from domain.scenario import Scenario
 from infra.clock import utc_now
 from infra.eventstore import EventLog
 from perf.harness import Deadline
-from perf.processes import accubooks
+from perf.processes import Process, accubooks
 from service import wiring
 
 SCENARIO_BODY = msgspec.json.encode(
@@ -154,24 +154,15 @@ def seed_tenants(
     batch = SaveBatch(log)
     to_archive: list[tuple[Scenario, Actor]] = []
     for t in range(tenants):
-        tenant_id = tenant_commands.create_tenant(deps, f"{tenant_name} {t}").tenant_id
-        tenant = TenantReads(
-            key=tenant_commands.issue_key(deps, tenant_id, "reader").key, tenant_id=str(tenant_id)
-        )
+        tenant = _new_tenant(deps, f"{tenant_name} {t}")
+        tenant_id = uuid.UUID(tenant.tenant_id)
         reads.append(tenant)
         user = Actor(tenant_id=tenant_id, actor_id="bench", request_id=f"seed-{t}")
         worker = Actor(tenant_id=tenant_id, actor_id="worker", request_id=f"seed-{t}")
         for s in range(scenarios):
             if deadline.expired():
                 raise SystemExit("the budget ran out while seeding")
-            scenario = Scenario.create(
-                user,
-                scenario_id=uuid.uuid4(),
-                name=f"Scenario {s}",
-                baseline=BASELINE,
-                assumptions=ASSUMPTIONS[s % len(ASSUMPTIONS)],
-                at=utc_now(),
-            )
+            scenario = _scenario(user, s)
             tenant.scenario_ids.append(str(scenario.id))
             counts.scenarios += 1
             made = [
@@ -197,29 +188,38 @@ def seed_tenants(
     return counts, reads
 
 
+def _new_tenant(deps: Collaborators, name: str) -> TenantReads:
+    """A tenant and its reader key, through the tenant commands."""
+    tenant_id = tenant_commands.create_tenant(deps, name).tenant_id
+    key = tenant_commands.issue_key(deps, tenant_id, "reader").key
+    return TenantReads(key=key, tenant_id=str(tenant_id))
+
+
+def _scenario(user: Actor, index: int) -> Scenario:
+    """The ``index``-th scenario of a seeded tenant (assumption types in turn)."""
+    return Scenario.create(
+        user,
+        scenario_id=uuid.uuid4(),
+        name=f"Scenario {index}",
+        baseline=BASELINE,
+        assumptions=ASSUMPTIONS[index % len(ASSUMPTIONS)],
+        at=utc_now(),
+    )
+
+
 def seed_large_tenant(
     log: EventLog, *, scenarios: int, deadline: Deadline, name: str = "Large tenant"
 ) -> TenantReads:
     """One tenant with ``scenarios`` scenarios (created, nothing else), saved through the
     log in batches as SaveBatch does; its reader key and scenario ids."""
     deps = Collaborators(log=log, clock=utc_now, new_id=uuid.uuid4)
-    tenant_id = tenant_commands.create_tenant(deps, name).tenant_id
-    tenant = TenantReads(
-        key=tenant_commands.issue_key(deps, tenant_id, "reader").key, tenant_id=str(tenant_id)
-    )
-    user = Actor(tenant_id=tenant_id, actor_id="bench", request_id="seed-large")
+    tenant = _new_tenant(deps, name)
+    user = Actor(tenant_id=uuid.UUID(tenant.tenant_id), actor_id="bench", request_id="seed-large")
     batch = SaveBatch(log, size=1000)
     for s in range(scenarios):
         if s % 1000 == 0 and deadline.expired():
             raise SystemExit("the budget ran out while seeding the large tenant")
-        scenario = Scenario.create(
-            user,
-            scenario_id=uuid.uuid4(),
-            name=f"Scenario {s}",
-            baseline=BASELINE,
-            assumptions=ASSUMPTIONS[s % len(ASSUMPTIONS)],
-            at=utc_now(),
-        )
+        scenario = _scenario(user, s)
         tenant.scenario_ids.append(str(scenario.id))
         batch.add(scenario)
     batch.flush()
@@ -312,13 +312,17 @@ def project_until_caught_up(
     """`accubooks project` (bumping the cache's generations in our Redis, as in
     production) until every read model has applied the log up to ``end``; then stopped.
     The seconds it took. A worker that stops moving for STALL_S fails the run."""
-    names = [projector.name for projector in wiring.projectors()]
-    with (
-        accubooks(["project"], database_url, {"REDIS_URL": redis_url}) as project,
-        psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn,
-    ):
-        started = time.perf_counter()
+    with accubooks(["project"], database_url, {"REDIS_URL": redis_url}) as project:
         project.first_line(deadline)
+        return wait_caught_up(database_url, end, project, deadline)
+
+
+def wait_caught_up(database_url: str, end: int, project: Process, deadline: Deadline) -> float:
+    """Seconds until every read model has applied the log up to ``end``; a worker that
+    exits or stops moving for STALL_S fails the run."""
+    names = [projector.name for projector in wiring.projectors()]
+    started = time.perf_counter()
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
         last, moved = projected_positions(conn, names), time.monotonic()
         while min(last.values()) < end:
             time.sleep(CATCH_UP_POLL_S)
@@ -332,4 +336,4 @@ def project_until_caught_up(
                     f"the read models did not catch up to {end}: {now}\n"
                     f"accubooks project said: {project.stderr.read()[-3000:]}"
                 )
-        return time.perf_counter() - started
+    return time.perf_counter() - started

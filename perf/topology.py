@@ -30,23 +30,19 @@ from pathlib import Path
 
 import httpx2 as httpx
 import msgspec
-import psycopg
 
 from infra.eventstore import open_event_log
 from infra.settings import Settings
 from perf.harness import ADMIN_URL, REQUEST_TIMEOUT_S, Deadline, postgres_database
 from perf.processes import Process, accubooks, private_redis, stop_on_signals
 from perf.seeding import (
-    CATCH_UP_POLL_S,
-    STALL_S,
     SeedCounts,
     TenantReads,
-    projected_positions,
     seed_large_tenant,
     seed_tenants,
+    wait_caught_up,
     writer_keys,
 )
-from service import wiring
 
 DISTINCT_RESULTS = 8  # model runs per assumption type, shared by the seeded forecasts
 
@@ -105,31 +101,6 @@ def service_env(cache_url: str, broker_url: str, extra: dict[str, str] | None) -
         "ACCUBOOKS_LOG_LEVEL": "WARNING",
         **(extra or {}),
     }
-
-
-def wait_caught_up(database_url: str, end: int, process: Process, deadline: Deadline) -> float:
-    """Seconds until every read model has applied the log up to ``end``; a worker that
-    exits or stops moving for STALL_S fails the run."""
-    names = [projector.name for projector in wiring.projectors()]
-    started = time.perf_counter()
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
-        last, moved = projected_positions(conn, names), time.monotonic()
-        while min(last.values()) < end:
-            time.sleep(CATCH_UP_POLL_S)
-            now = projected_positions(conn, names)
-            if now != last:
-                last, moved = now, time.monotonic()
-            if (
-                deadline.expired()
-                or time.monotonic() - moved > STALL_S
-                or process.proc.poll() is not None
-            ):
-                process.stderr.seek(0)
-                raise SystemExit(
-                    f"the read models did not catch up to {end}: {now}\n"
-                    f"accubooks project said: {process.stderr.read()[-3000:]}"
-                )
-    return time.perf_counter() - started
 
 
 @dataclass
