@@ -524,5 +524,5 @@ class GenerationFeed:
         finally:
             self._subscribed = False
             with contextlib.suppress(*_CACHE_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
                 await client.aclose()
