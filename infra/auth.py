@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from domain import api_key
+from infra import readstore
 from infra.errors import ForbiddenError, UnauthorizedError
 from infra.eventstore import EventLog
 
@@ -107,4 +108,6 @@ async def principal_of(request: Request) -> Principal:
     # For the access log: who made the request, by ids only (never the key itself).
     request.state.tenant_id = principal.tenant_id
     request.state.key_id = principal.key_id
+    # Tenant-scoped reads of this request see this tenant's rows only (row-level security).
+    readstore.act_for(principal.tenant_id)
     return principal

@@ -9,6 +9,13 @@ still running shortly after the budget, so the thread is freed and the broken co
 leaves the pool. SQLite statements are interrupted by a progress handler. Either way the
 read fails with OperationTimeoutError, and the connection left is healthy or discarded.
 
+Tenancy in depth (PostgreSQL): ``ReadStore.for_tenants`` connects as READ_DATABASE_URL's
+role, which row-level security binds (the projections enable it on every read-model table
+with a tenant_id, see projections/readmodel.py). Each of its reads runs in a transaction
+that first sets ``accubooks.tenant`` to the tenant acting in this context (``act_for``,
+called when a request is authenticated), all in one round trip (a pipeline of BEGIN, the
+setting, the query and COMMIT). A read outside any tenant's context sees no tenant's rows.
+
 ``counted_statements()`` collects the statements sent on behalf of one context (a test's
 request and the threads it hands its query to), whatever else shares the store meanwhile
 (the readiness refresher, projections): the one-statement-per-read rule is checked so.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -28,6 +36,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 from infra import errors, storeguard
@@ -47,6 +56,52 @@ _SQLITE_CHECK_EVERY = 10_000
 _counted: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "readstore_counted", default=None
 )
+# The tenant whose rows a tenant-scoped store may see, in this context (a request's, and
+# the threads it hands its reads to).
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("readstore_tenant", default="")
+# The setting the row-level security policies compare each row's tenant_id with.
+TENANT_SETTING = "accubooks.tenant"
+
+
+# The names `create_reader_role` makes (and the read models' DDL accepts) unquoted.
+READER_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def create_reader_role(database_url: str, role: str, password: str | None = None) -> str:
+    """Creates (or brings back into line) a login role that row-level security binds: no
+    superuser, no BYPASSRLS, nothing it could create. It owns nothing, and is granted SELECT
+    on the read models' tenant tables when a process creates them with READ_DATABASE_URL
+    naming it. Returns READ_DATABASE_URL for it (without the password)."""
+    if not READER_ROLE_NAME.fullmatch(role):
+        raise ValueError(f"a reader role is named in lower-case letters, digits and _: {role!r}")
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
+            statement = pgsql.SQL(
+                "{verb} ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
+                " NOREPLICATION NOINHERIT"
+            ).format(verb=pgsql.SQL("ALTER" if found else "CREATE"), role=pgsql.Identifier(role))
+            if password:
+                statement += pgsql.SQL(" PASSWORD {}").format(pgsql.Literal(password))
+            conn.execute(statement)
+    except psycopg.Error as e:
+        raise RuntimeError(f"the role {role} could not be made: {e}") from e
+    return psycopg.conninfo.make_conninfo(database_url, user=role, password="")
+
+
+def act_for(tenant_id: object) -> None:
+    """From now on in this context, tenant-scoped reads see this tenant's rows only."""
+    _tenant.set(str(tenant_id))
+
+
+@contextmanager
+def acting_for(tenant_id: object) -> Iterator[None]:
+    """``act_for`` for the length of a block (tools and tests outside a request)."""
+    token = _tenant.set(str(tenant_id))
+    try:
+        yield
+    finally:
+        _tenant.reset(token)
 
 
 @contextmanager
@@ -135,9 +190,13 @@ class _StaleConnectionError(psycopg.OperationalError):
 
 
 class ReadStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, database_url: str | None = None) -> None:
+        """``database_url`` (PostgreSQL): connect there instead of DATABASE_URL, with every
+        read scoped to the acting tenant (see ``for_tenants``)."""
         self._settings = settings
         self.postgres = bool(settings.database_url)
+        self.tenant_scoped = bool(self.postgres and database_url)
+        url = database_url if self.tenant_scoped else settings.database_url
         self.on_statement: Callable[[str], None] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -145,9 +204,9 @@ class ReadStore:
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._timeout_s = settings.db_statement_timeout_s
         self._watchdog = _Watchdog(settings.db_statement_timeout_s + _CLIENT_GRACE_S)
-        if settings.database_url:
+        if url:
             self._pool = psycopg_pool.ConnectionPool(
-                settings.database_url,
+                url,
                 min_size=1,
                 max_size=settings.db_pool_size + settings.db_pool_max_overflow,
                 timeout=settings.db_pool_timeout_s,
@@ -161,8 +220,31 @@ class ReadStore:
                 open=True,
                 name="readstore",
             )
-            self._outage = storeguard.OutageGuard(
-                settings.database_url, self._renew_pool, name="read models"
+            self._outage = storeguard.OutageGuard(url, self._renew_pool, name="read models")
+
+    @classmethod
+    def for_tenants(cls, settings: Settings) -> ReadStore:
+        """The store the read API serves tenants from: on PostgreSQL with READ_DATABASE_URL
+        set, as that role and scoped to the acting tenant; otherwise a plain one."""
+        return cls(settings, database_url=settings.read_database_url)
+
+    def check_scoped_role(self) -> None:
+        """Refuses a tenant-scoped store whose role row-level security does not bind (a
+        superuser, BYPASSRLS, or the owner of the tables, which the policies exempt)."""
+        if self._pool is None or not self.tenant_scoped:
+            return
+        with self._pool.connection() as conn:
+            [row] = conn.execute(
+                "SELECT r.rolname, r.rolsuper, r.rolbypassrls,"
+                " EXISTS (SELECT 1 FROM pg_tables WHERE tableowner = current_user"
+                " AND tablename = 'scenarios_rows') AS owner"
+                " FROM pg_roles r WHERE r.rolname = current_user"
+            ).fetchall()
+        if row["rolsuper"] or row["rolbypassrls"] or row["owner"]:
+            raise RuntimeError(
+                f"READ_DATABASE_URL's role {row['rolname']!r} is exempt from row-level security"
+                " (a superuser, BYPASSRLS or the tables' owner): use a role made by"
+                " `accubooks db reader-role`"
             )
 
     def tracking_table(self, projection: str) -> str:
@@ -206,6 +288,8 @@ class ReadStore:
         with pool.connection() as conn:
             self._watchdog.watch(conn)
             try:
+                if self.tenant_scoped:
+                    return self._in_tenant_transaction(conn, sql, params)
                 return list(conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
             except psycopg.OperationalError as e:
                 if self._watchdog.release(conn):
@@ -215,6 +299,26 @@ class ReadStore:
                 raise
             finally:
                 self._watchdog.release(conn)
+
+    def _in_tenant_transaction(
+        self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]
+    ) -> list[Row]:
+        """The read in a transaction where the policies see the acting tenant, sent in one
+        round trip. Only the read itself goes through the traced cursor: the statements
+        counted per request are the reads."""
+        plain = psycopg.Cursor(conn)
+        try:
+            with conn.pipeline():
+                plain.execute("BEGIN")
+                plain.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, _tenant.get()))
+                cursor = conn.execute(sql.replace("?", "%s"), tuple(params))
+                plain.execute("COMMIT")
+            return list(cursor.fetchall())
+        except psycopg.Error:
+            idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if not conn.broken and not idle:
+                conn.rollback()
+            raise
 
     def _renew_pool(self) -> None:
         if self._pool is not None:

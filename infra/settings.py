@@ -18,6 +18,12 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Services. Without DATABASE_URL the event store is SQLite files under data_dir.
     database_url: str | None = None
+    # PostgreSQL only: where API processes read tenants' read models, as a role without
+    # BYPASSRLS (see docs/RELIABILITY.md, "Tenancy in depth"). Every such read runs in a
+    # transaction scoped to the caller's tenant, and row-level security hides the rows of
+    # every other tenant even from a query that forgot its tenant filter. Unset: the
+    # API reads as DATABASE_URL's role, which owns the tables and so bypasses the policies.
+    read_database_url: str | None = None
     redis_url: str | None = None
     broker_url: str | None = None
     data_dir: str = "./accubooks-data"
@@ -133,6 +139,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # Environment variable names; the service addresses keep their conventional names.
 _ENV_NAMES = {
     "database_url": "DATABASE_URL",
+    "read_database_url": "READ_DATABASE_URL",
     "redis_url": "REDIS_URL",
     "broker_url": "BROKER_URL",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
@@ -20,9 +21,10 @@ from eventsourcing.persistence import InfrastructureFactory, Notification, Track
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.sql import SQL, Composed
 
-from infra import locks, storeguard
+from infra import locks, readstore, storeguard
 from infra.eventstore import EventLog, projection_env
 from infra.settings import Settings
 from projections.errors import NotParkedError
@@ -221,6 +223,68 @@ def model_ddl(projector: Projector) -> list[str]:
     ]
 
 
+# Row-level security (PostgreSQL): the policy every table holding tenants' rows gets. The
+# projections write as the tables' owner, which policies do not bind; the API's
+# tenant-scoped reads run as another role, with the tenant set per transaction (see
+# infra/readstore.py), and see that tenant's rows only. Unset, the setting hides them all.
+TENANT_POLICY = "tenant_rows"
+_CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\)", re.DOTALL)
+
+
+def tenant_tables(projector: Projector) -> list[str]:
+    """The projector's tables that hold tenants' rows: those with a tenant_id column. Found
+    from the DDL, so a table added later is covered without anyone remembering to."""
+    found = []
+    for sql in projector.ddl():
+        table = _CREATE_TABLE.match(sql)
+        if table and re.search(r"\btenant_id\b", table.group(2)):
+            found.append(table.group(1))
+    return found
+
+
+def reader_role(settings: Settings) -> str | None:
+    """The role of READ_DATABASE_URL, which the read models grant SELECT on their tenant
+    tables (only those, and the positions) to."""
+    if not settings.read_database_url:
+        return None
+    role = conninfo_to_dict(settings.read_database_url).get("user")
+    if not isinstance(role, str) or not readstore.READER_ROLE_NAME.fullmatch(role):
+        raise ValueError(
+            "READ_DATABASE_URL must name its role (user) in lower-case letters, digits and _"
+        )
+    return role
+
+
+def tenancy_ddl(projector: Projector, tracking_table: str, reader: str | None) -> list[str]:
+    """Row-level security on the projector's tenant tables, and the reader's grants; each
+    only when missing, so a process starting takes no table lock for nothing."""
+    statements = []
+    for table in tenant_tables(projector):
+        grant = (
+            f"IF NOT has_table_privilege('{reader}', '{table}', 'SELECT') THEN"
+            f" GRANT SELECT ON {table} TO {reader}; END IF;"
+            if reader
+            else ""
+        )
+        statements.append(
+            "DO $$ BEGIN"
+            f" IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = '{table}'::regclass) THEN"
+            f" ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; END IF;"
+            " IF NOT EXISTS (SELECT 1 FROM pg_policy"
+            f" WHERE polrelid = '{table}'::regclass AND polname = '{TENANT_POLICY}') THEN"
+            f" CREATE POLICY {TENANT_POLICY} ON {table} FOR SELECT"
+            " USING (tenant_id = current_setting('accubooks.tenant', true)); END IF;"
+            f" {grant} END $$"
+        )
+    if reader:
+        # Reads give their position in the same statement.
+        statements.append(
+            f"DO $$ BEGIN IF NOT has_table_privilege('{reader}', '{tracking_table}', 'SELECT')"
+            f" THEN GRANT SELECT ON {tracking_table} TO {reader}; END IF; END $$"
+        )
+    return statements
+
+
 class _ReadModel:
     projector: Projector
     is_postgres: bool
@@ -318,15 +382,17 @@ class _ReadModel:
 class PostgresReadModel(_ReadModel, PostgresTrackingRecorder):
     is_postgres = True
 
-    def install(self, projector: Projector) -> None:
+    def install(self, projector: Projector, *, reader: str | None = None) -> None:
+        """The projector's tables, under row-level security, SELECT granted to ``reader``."""
         self.projector = projector
-        self.sql_create_statements.extend(Composed([SQL(sql)]) for sql in model_ddl(projector))
+        ddl = [*model_ddl(projector), *tenancy_ddl(projector, self.tracking_table_name, reader)]
+        self.sql_create_statements.extend(Composed([SQL(sql)]) for sql in ddl)
 
 
 class SQLiteReadModel(_ReadModel, SQLiteTrackingRecorder):
     is_postgres = False
 
-    def install(self, projector: Projector) -> None:
+    def install(self, projector: Projector, *, reader: str | None = None) -> None:
         self.projector = projector
         self.create_table_statements.extend(model_ddl(projector))
 
@@ -343,7 +409,7 @@ def open_read_model(settings: Settings, projector: Projector) -> ReadModel:
         model = factory.tracking_recorder(PostgresReadModel)  # type: ignore[assignment]
     else:
         model = factory.tracking_recorder(SQLiteReadModel)  # type: ignore[assignment]
-    model.install(projector)
+    model.install(projector, reader=reader_role(settings))
     if settings.database_url:
         # Fail fast while PostgreSQL is down, a fresh pool once it is back (the worker
         # retries meanwhile; the library's pool backoff would otherwise hold it for minutes).

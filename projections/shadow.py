@@ -239,6 +239,8 @@ def _switch_postgres(
                     f"LOCK TABLE {', '.join(live_refs + shadow_refs)} IN ACCESS EXCLUSIVE MODE"
                 )
                 cursor.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted(RETIRED_SCHEMA)}")
+                for live_ref, shadow_ref in zip(live_refs, shadow_refs, strict=True):
+                    cursor.execute(_carry_grants(live_ref, shadow_ref))
                 for (_, table), ref in zip(moves, live_refs, strict=True):
                     cursor.execute(f"DROP TABLE IF EXISTS {quoted(RETIRED_SCHEMA)}.{quoted(table)}")
                     cursor.execute(f"ALTER TABLE {ref} SET SCHEMA {quoted(RETIRED_SCHEMA)}")
@@ -253,6 +255,19 @@ def _switch_postgres(
                     f"the {live.projector.name} tables stayed in use by readers for"
                     f" {settings.db_lock_timeout_s:g} s: nothing was switched"
                 ) from e
+
+
+def _carry_grants(live_ref: str, shadow_ref: str) -> str:
+    """SELECT on the rebuilt table for every role granted it on the live one (the API's
+    reader among them), so a switch never takes the readers' access away, whoever runs it."""
+    return (
+        "DO $$ DECLARE grantee name; BEGIN FOR grantee IN SELECT DISTINCT r.rolname"
+        " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+        " JOIN pg_roles r ON r.oid = a.grantee"
+        f" WHERE c.oid = '{live_ref}'::regclass AND a.privilege_type = 'SELECT'"
+        " AND a.grantee <> c.relowner"
+        f" LOOP EXECUTE format('GRANT SELECT ON {shadow_ref} TO %I', grantee); END LOOP; END $$"
+    )
 
 
 def _switch_sqlite(live: SQLiteReadModel, rebuilt: SQLiteReadModel) -> None:

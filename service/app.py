@@ -148,9 +148,13 @@ def create_app(
             runner.start()
         else:
             wiring.ensure_read_models(settings)
+        # Readiness and admission count across tenants; the read routes serve one tenant,
+        # as a role row-level security binds when READ_DATABASE_URL is set.
         store = ReadStore(settings)
+        tenant_store = ReadStore.for_tenants(settings) if settings.read_database_url else store
+        tenant_store.check_scoped_role()
         read_api = ReadApi(
-            store=store,
+            store=tenant_store,
             signer=CursorSigner(cursor_key(settings)),
             clock=utc_now,
             read_your_writes_timeout_s=settings.read_your_writes_timeout_s,
@@ -202,6 +206,8 @@ def create_app(
             refresher.cancel()
             await readiness.settle()
             store.close()
+            if tenant_store is not store:
+                tenant_store.close()
             if runner is not None:
                 runner.stop()
             if workers is not None:

@@ -22,6 +22,7 @@ from commands.context import Collaborators
 from commands.errors import CommandError
 from domain import api_key
 from domain.errors import DomainError
+from infra import readstore
 from infra import settings as settings_module
 from infra.broker import open_broker
 from infra.clock import utc_now
@@ -104,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
                 help="API processes sharing the port (default 1; more than 1 needs"
                 " PROMETHEUS_MULTIPROC_DIR, an empty directory, so /metrics adds them up)",
             )
+    reader = sub.add_parser(
+        "reader-role",
+        help="create the PostgreSQL role API processes read tenants' rows as (READ_DATABASE_URL)",
+    )
+    reader.add_argument("role", help="its name: lower-case letters, digits and _")
+    reader.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="set the role's password from this environment variable (never on the command line)",
+    )
+    reader.add_argument("--json", action="store_true", help="machine-readable output")
     audit_cli.add_parser(sub)
     return parser
 
@@ -255,6 +267,28 @@ def _rebuild(args: argparse.Namespace, settings: settings_module.Settings) -> in
     return 1 if report.differences else 0
 
 
+def _reader_role(args: argparse.Namespace, settings: settings_module.Settings) -> int:
+    """`reader-role`: the role, then the read models' grants to it (their tables are
+    created if missing). Prints the READ_DATABASE_URL to give API processes."""
+    if not settings.database_url:
+        print("accubooks: reader-role needs DATABASE_URL (PostgreSQL)", file=sys.stderr)
+        return 2
+    password = os.environ.get(args.password_env) if args.password_env else None
+    if args.password_env and not password:
+        print(f"accubooks: {args.password_env} is not set", file=sys.stderr)
+        return 2
+    try:
+        url = readstore.create_reader_role(settings.database_url, args.role, password)
+        wiring.ensure_read_models(msgspec.structs.replace(settings, read_database_url=url))
+    except (ValueError, RuntimeError, PersistenceError, InfraError) as e:
+        print(f"accubooks: {e}", file=sys.stderr)
+        return 1
+    result = {"role": args.role, "readDatabaseUrl": url}
+    text = f"role {args.role} ready; give API processes READ_DATABASE_URL={url}"
+    print(msgspec.json.encode(result).decode() if args.json else text, flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_module.from_env()
@@ -262,7 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure_logging(settings.log_level)
         return _serve(args, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run = {"project": _project, "worker": _work, "projections": _projections}.get(args.command)
+    run = {
+        "project": _project,
+        "worker": _work,
+        "projections": _projections,
+        "reader-role": _reader_role,
+    }.get(args.command)
     if run is not None:
         return run(args, settings)
     if args.command == "audit":
