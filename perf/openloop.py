@@ -2,7 +2,9 @@
 server does, over keep-alive connections with pre-built request bytes, and each latency
 is measured from the request's *scheduled* send time (so a stalled server shows in the
 tail instead of slowing the load down: no coordinated omission). Reports p50/p95/p99 per
-route and the generator's own CPU, to show it was not the bottleneck.
+route, per status (2xx together, other statuses each), per scheduled second, the error codes
+of the answers that carry the error envelope, and the generator's own CPU, to show it was
+not the bottleneck.
 
     .venv/bin/python -m perf.openloop http://127.0.0.1:8000 PLAN_FILE --rate 1000 --duration-s 20
 
@@ -17,6 +19,7 @@ import asyncio
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,6 +45,30 @@ class RouteLatency(msgspec.Struct, frozen=True, kw_only=True):
     max_ms: float
 
 
+class SecondLatency(msgspec.Struct, frozen=True, kw_only=True):
+    """The requests scheduled in one second of the run (0: the first)."""
+
+    second: int
+    ok_2xx: int
+    non_2xx: int
+    # Timeouts and connection errors.
+    failed: int
+    p99_2xx_ms: float
+    max_2xx_ms: float
+
+
+class _ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+
+
+class _Envelope(msgspec.Struct, kw_only=True):
+    error: _ErrorBody
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+NO_ENVELOPE = "-"  # the code counted for an answer whose body is not the error envelope
+
+
 class OpenLoopResult(msgspec.Struct, frozen=True, kw_only=True):
     url: str
     rate_per_s: float
@@ -61,6 +88,15 @@ class OpenLoopResult(msgspec.Struct, frozen=True, kw_only=True):
     client_cores: float
     overall: RouteLatency
     routes: dict[str, RouteLatency]
+    # By status: "2xx" for every 2xx answer, else the status itself ("503").
+    statuses: dict[str, RouteLatency] = {}
+    # Answers with a status of 400 or more by "<status> <error.code>" ("503 OVERLOADED";
+    # the code NO_ENVELOPE when the body is not the error envelope).
+    error_codes: dict[str, int] = {}
+    per_second: list[SecondLatency] = []
+    # Requests without an answer (counted in errors) by exception: TimeoutError, or the
+    # connection's error ("ConnectionError": all MAX_CONNECTIONS opened were busy).
+    failures: dict[str, int] = {}
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -92,8 +128,8 @@ class _Connection:
         self.reader = reader
         self.writer = writer
 
-    async def exchange(self, request: bytes) -> int:
-        """Sends one request and reads its whole answer; its status."""
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Sends one request and reads its whole answer; its status and body."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -103,20 +139,20 @@ class _Connection:
             if name.strip().lower() == b"content-length":
                 length = int(value)
                 break
-        if length:
-            await self.reader.readexactly(length)
-        return status
+        return status, await self.reader.readexactly(length) if length else b""
 
     def close(self) -> None:
         self.writer.close()
 
 
 async def _run(
-    url: str, plan: Sequence[tuple[str, bytes]], rate: float, duration_s: float
+    url: str, plan: Sequence[tuple[str, bytes]], rate: float, duration_s: float, connections: int
 ) -> OpenLoopResult:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    idle: list[_Connection] = []
+    # Taken oldest first, so that no connection sits idle past the server's keep-alive
+    # timeout (uvicorn's: 5 s) and is found closed when its turn comes.
+    idle: deque[_Connection] = deque()
     opened = 0
 
     async def connect() -> _Connection:
@@ -125,34 +161,43 @@ async def _run(
         opened += 1
         return _Connection(reader, writer)
 
-    for _ in range(CONNECTIONS):
+    for _ in range(connections):
         idle.append(await connect())
     latencies: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     non_2xx = 0
+    # (scheduled offset from the start, latency or None for a failure, status or 0)
+    outcomes: list[tuple[float, float | None, int]] = []
+    codes: dict[str, int] = {}
+    failures: dict[str, int] = {}
     lags: list[float] = []
     in_flight: set[asyncio.Task[None]] = set()
 
     async def one(route: str, request: bytes, due: float) -> None:
         nonlocal non_2xx
-        conn = idle.pop() if idle else None
+        conn = idle.popleft() if idle else None
         try:
             if conn is None:
                 if opened >= MAX_CONNECTIONS:
                     raise ConnectionError("too many connections")
                 conn = await connect()
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                status = await conn.exchange(request)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                status, body = await conn.exchange(request)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
             errors[route] = errors.get(route, 0) + 1
+            failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
+            outcomes.append((due - started, None, 0))
             if conn is not None:
                 conn.close()
             return
         took = time.perf_counter() - due
         idle.append(conn)
+        outcomes.append((due - started, took, status))
         if status >= 400:
             non_2xx += 1
             errors[route] = errors.get(route, 0) + 1
+            code = f"{status} {_error_code(body)}"
+            codes[code] = codes.get(code, 0) + 1
             return
         latencies.setdefault(route, []).append(took)
 
@@ -198,7 +243,51 @@ async def _run(
             route: _summary(latencies.get(route, []), errors.get(route, 0))
             for route in sorted(set(latencies) | set(errors))
         },
+        statuses=_by_status(outcomes),
+        error_codes=dict(sorted(codes.items())),
+        per_second=_per_second(outcomes),
+        failures=dict(sorted(failures.items())),
     )
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        return _ENVELOPE.decode(body).error.code
+    except msgspec.DecodeError:
+        return NO_ENVELOPE
+
+
+def _status_class(status: int) -> str:
+    return "2xx" if 200 <= status < 300 else str(status)
+
+
+def _by_status(outcomes: list[tuple[float, float | None, int]]) -> dict[str, RouteLatency]:
+    found: dict[str, list[float]] = {}
+    for _, took, status in outcomes:
+        if took is not None:
+            found.setdefault(_status_class(status), []).append(took)
+    return {name: _summary(values, 0) for name, values in sorted(found.items())}
+
+
+def _per_second(outcomes: list[tuple[float, float | None, int]]) -> list[SecondLatency]:
+    seconds: dict[int, list[tuple[float | None, int]]] = {}
+    for offset, took, status in outcomes:
+        seconds.setdefault(int(offset), []).append((took, status))
+    rows = []
+    for second, answers in sorted(seconds.items()):
+        ok = sorted(took for took, status in answers if took is not None and 200 <= status < 300)
+        failed = sum(1 for took, _ in answers if took is None)
+        rows.append(
+            SecondLatency(
+                second=second,
+                ok_2xx=len(ok),
+                non_2xx=len(answers) - len(ok) - failed,
+                failed=failed,
+                p99_2xx_ms=round(_percentile(ok, 0.99) * 1000, 3),
+                max_2xx_ms=round((ok[-1] if ok else 0.0) * 1000, 3),
+            )
+        )
+    return rows
 
 
 def open_loop(
@@ -208,15 +297,18 @@ def open_loop(
     duration_s: float,
     *,
     seed: int = 1,
+    connections: int = CONNECTIONS,
 ) -> OpenLoopResult:
     """Sends ``rate`` requests per second for ``duration_s`` to ``url``, drawn in a seeded
-    random order from ``requests``; on a uvloop event loop of its own."""
+    random order from ``requests``; on a uvloop event loop of its own, with ``connections``
+    opened before the first request (more opened when all are busy, up to
+    MAX_CONNECTIONS)."""
     host = urlsplit(url).netloc
     order = list(requests)
     random.Random(seed).shuffle(order)
     plan = [(line.route, request_bytes(host, line)) for line in order]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_run(url, plan, rate, duration_s))
+        return runner.run(_run(url, plan, rate, duration_s, connections))
 
 
 def main(argv: list[str] | None = None) -> int:

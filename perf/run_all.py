@@ -99,6 +99,15 @@ STEPS = [
         "the seed's load test (locust, 100 users, 10,000 requests) on the production topology",
     ),
     Step(
+        "overload_bench",
+        [],
+        ["--quick"],
+        ["overload"],
+        300,
+        "overload at 3x capacity (issue 8): one API process, cache off, open loop; admitted "
+        "latency, goodput, 503 OVERLOADED, recovery",
+    ),
+    Step(
         "rebuild_bench",
         ["--events", "1000000"],
         ["--events", "100000"],

@@ -153,6 +153,23 @@ def lag(r: Reports) -> tuple[str, bool | None]:
     )
 
 
+def overload(r: Reports) -> tuple[str, bool | None]:
+    report = r.get("overload")
+    over, back = dig(report, "overload"), dig(report, "recovery")
+    if over is None or back is None:
+        return "not measured", None
+    others = sum((over.get("other_non_2xx") or {}).values())
+    text = (
+        f"admitted p99 {over['admitted']['p99_ms']:g} ms, goodput {over['goodput_ratio']:.0%} "
+        f"of {dig(report, 'capacity.capacity_per_s'):,.0f} req/s at {over['offered_per_s']:,.0f} "
+        f"offered; {over['shed_503']:,} x 503 OVERLOADED, {others} other non-2xx, "
+        f"{over['failed']} timeouts; recovery first second p99 {back['first_second_p99_ms']} ms"
+        f"{'' if back['all_2xx'] else ', not all 2xx'}"
+    )
+    checks = dig(report, "checks") or []
+    return text, all(bool(check["met"]) for check in checks) if checks else None
+
+
 TARGETS = [
     Target(
         "seed read mix, 100 connections",
@@ -187,4 +204,10 @@ TARGETS = [
         scale,
     ),
     Target("API process RSS under load", "<= 150 MB", api_rss),
+    Target(
+        "overload at 3x capacity",
+        "admitted p99 <= 50 ms, goodput >= 90 % of capacity, every non-2xx 503 OVERLOADED "
+        "(0 other 5xx), recovery at once (first second p99 <= 50 ms)",
+        overload,
+    ),
 ]
