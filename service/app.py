@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commands import routes as write_routes
@@ -60,6 +61,12 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-Id when it is sane, else a new id."""
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+    return given if _CLIENT_REQUEST_ID.match(given) else _request_ids.next()
+
+
 class RequestMiddleware:
     """What every HTTP answer gets, in one wrapper of ``send`` (each wrapper costs a
     coroutine per message): a request id (the client's X-Request-Id when it is sane,
@@ -75,10 +82,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
-            "latin-1"
-        )
-        request_id = given if _CLIENT_REQUEST_ID.match(given) else _request_ids.next()
+        request_id = request_id_of(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
@@ -116,6 +120,14 @@ def _generation_feed(settings: Settings, cache: CacheStore | None) -> Generation
         max_lag_s=settings.cache_local_max_lag_s,
         timeout_s=settings.redis_timeout_s,
     )
+
+
+def _shedding_gate(settings: Settings, routes: list[BaseRoute]) -> shedding.Gate:
+    def observe(scope: Scope, status: int, duration_s: float) -> None:
+        route = metrics.route_template(scope, routes)
+        metrics.observe(route, metrics.method_label(scope), status, duration_s)
+
+    return shedding.Gate(settings.max_in_flight, request_id=request_id_of, observe=observe)
 
 
 def create_app(
@@ -235,7 +247,8 @@ def create_app(
     )
     # Added last runs first: the request id, status headers, metrics and access log (so
     # shed requests are timed, logged and marked too), then shedding before everything
-    # else, so a shed answer costs microseconds.
-    app.add_middleware(shedding.LoadSheddingMiddleware, max_in_flight=settings.max_in_flight)
+    # else. Our server's protocol sheds before all of it, through the same gate.
+    gate = app.state.shed_gate = _shedding_gate(settings, app.routes)
+    app.add_middleware(shedding.LoadSheddingMiddleware, gate=gate)
     app.add_middleware(RequestMiddleware)
     return app

@@ -58,6 +58,15 @@ class ErrorEnvelope(msgspec.Struct, frozen=True):
 _encoder = msgspec.json.Encoder()
 
 
+OVERLOADED_MESSAGE = "The service is overloaded. Please try again later."
+
+
+def overloaded_body(request_id: str) -> bytes:
+    """The 503 OVERLOADED envelope, for the server's protocol to answer without the app."""
+    detail = ErrorDetail(code="OVERLOADED", message=OVERLOADED_MESSAGE, requestId=request_id)
+    return _encoder.encode(ErrorEnvelope(detail))
+
+
 def error_response(
     request: Request,
     code: str,

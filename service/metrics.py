@@ -43,17 +43,32 @@ UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def route_template(scope: Scope) -> str:
-    """The path template of the route that handled (or would handle) the request."""
+# Templates of paths matched outside the router, by path: every request shed before the
+# app needs one, and matching costs a regex per route. Bounded (paths hold ids).
+_matched: dict[str, str] = {}
+_MATCHED_MAX = 4096
+
+
+def route_template(scope: Scope, routes: Iterable[BaseRoute] | None = None) -> str:
+    """The path template of the route that handled (or would handle) the request;
+    ``routes``: the app's, for a request its router never saw."""
     # Starlette's router records the route it dispatched to in the scope.
     route: BaseRoute | None = scope.get("route")
-    if route is None:
-        # Not dispatched (shed before the router, or no route at all): match here. This
-        # is the uncommon path, so its cost (one regex per route) does not matter.
-        app = scope.get("app")
-        routes: Iterable[BaseRoute] = getattr(getattr(app, "router", None), "routes", ())
-        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
-    return str(getattr(route, "path", UNMATCHED))
+    if route is not None:
+        return str(getattr(route, "path", UNMATCHED))
+    # Not dispatched (shed before the router, or no route at all): match here.
+    path: str = scope["path"]
+    template = _matched.get(path)
+    if template is None:
+        if routes is None:
+            app = scope.get("app")
+            routes = getattr(getattr(app, "router", None), "routes", ())
+        found = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+        template = str(getattr(found, "path", UNMATCHED))
+        if len(_matched) >= _MATCHED_MAX:
+            _matched.clear()
+        _matched[path] = template
+    return template
 
 
 def method_label(scope: Scope) -> str:

@@ -4,6 +4,7 @@ locally and fails them under CI=true."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -15,6 +16,8 @@ import psycopg
 import pytest
 import uvicorn
 from starlette.types import ASGIApp
+
+from service.draining import SheddingProtocol
 
 ADMIN_URL = os.environ.get(
     "ACCUBOOKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -52,10 +55,11 @@ SERVER_DEADLINE_S = 30.0
 
 
 @contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free port, in a background thread; its URL."""
+def serving(app: ASGIApp, *, http: type[asyncio.Protocol] = SheddingProtocol) -> Iterator[str]:
+    """A real uvicorn server for ``app`` on a free port, in a background thread; its URL.
+    Its protocol is the API processes' own unless ``http`` names another."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none", http=http
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

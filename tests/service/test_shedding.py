@@ -13,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import msgspec
 import pytest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from infra.eventstore import EventLog
 from infra.settings import Settings
 from service.app import create_app
+from service.draining import SheddingProtocol
 from tests.conftest import Tenant, command_headers, scenario_body
 from tests.services import serving
 
@@ -25,10 +27,17 @@ DEADLINE_S = 30.0
 MAX_IN_FLIGHT = 2
 
 
-@pytest.fixture
-def base_url(settings: Settings, event_log: EventLog) -> Iterator[str]:
+# Shed by the API processes' protocol, and by the middleware alone (uvicorn's protocol):
+# the answer is the same either way.
+PROTOCOLS = {"ours": SheddingProtocol, "uvicorn": HttpToolsProtocol}
+
+
+@pytest.fixture(params=list(PROTOCOLS))
+def base_url(
+    settings: Settings, event_log: EventLog, request: pytest.FixtureRequest
+) -> Iterator[str]:
     limited = msgspec.structs.replace(settings, max_in_flight=MAX_IN_FLIGHT)
-    with serving(create_app(limited, event_log=event_log)) as url:
+    with serving(create_app(limited, event_log=event_log), http=PROTOCOLS[request.param]) as url:
         yield url
 
 
@@ -42,6 +51,16 @@ def held_body(release: threading.Event, sent: threading.Semaphore) -> Iterator[b
     sent.release()
     assert release.wait(DEADLINE_S), "the held request was never released"
     yield body[10:]
+
+
+def held_create(
+    base_url: str, writer: str, release: threading.Event, sent: threading.Semaphore
+) -> httpx2.Response:
+    """A create whose body is held (``held_body``): in flight until ``release``."""
+    with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
+        return client.post(
+            "/api/scenarios", content=held_body(release, sent), headers=command_headers(writer)
+        )
 
 
 def get(base_url: str, path: str, headers: dict[str, str] | None = None) -> httpx2.Response:
@@ -61,19 +80,14 @@ def wait_until_shed(base_url: str, headers: dict[str, str]) -> httpx2.Response:
 
 
 def test_requests_beyond_the_bound_are_shed_at_once_and_health_never_is(
-    base_url: str, tenant: Tenant
+    base_url: str, tenant: Tenant, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
     read = {"Authorization": f"Bearer {tenant.reader}", "X-Request-Id": "shed-me-1"}
     release = threading.Event()
     sent = threading.Semaphore(0)
 
     def create() -> httpx2.Response:
-        with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
-            return client.post(
-                "/api/scenarios",
-                content=held_body(release, sent),
-                headers=command_headers(tenant.writer),
-            )
+        return held_create(base_url, tenant.writer, release, sent)
 
     with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
         held = [pool.submit(create) for _ in range(MAX_IN_FLIGHT)]
@@ -107,6 +121,13 @@ def test_requests_beyond_the_bound_are_shed_at_once_and_health_never_is(
     assert [r.status_code for r in created] == [201] * MAX_IN_FLIGHT
     # The held requests finished: the bound is free again.
     assert get(base_url, "/api/scenarios", read).status_code == 200
+    # Which path answered: only the protocol sums up its shed requests in a log line, and
+    # only the middleware path goes through the app (an access line per request).
+    by_protocol = [r for r in caplog.records if r.name == "accubooks.shedding"]
+    if request.node.callspec.params["base_url"] == "ours":
+        assert by_protocol and "shed" in by_protocol[0].getMessage()
+    else:
+        assert not by_protocol
 
 
 def test_a_burst_is_answered_or_shed_never_failed(base_url: str, tenant: Tenant) -> None:
@@ -130,3 +151,38 @@ def test_a_burst_is_answered_or_shed_never_failed(base_url: str, tenant: Tenant)
             assert response.headers["X-Request-Id"]
         else:
             assert response.status_code == 200, response.text
+
+
+def test_a_shed_command_leaves_its_connection_usable(base_url: str, tenant: Tenant) -> None:
+    """A request shed before its body was read (the protocol answers as soon as the
+    headers are in): the body is dropped as it comes, and the next request on the same
+    keep-alive connection is answered normally."""
+    release = threading.Event()
+    sent = threading.Semaphore(0)
+
+    def create() -> httpx2.Response:
+        return held_create(base_url, tenant.writer, release, sent)
+
+    read = {"Authorization": f"Bearer {tenant.reader}"}
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        held = [pool.submit(create) for _ in range(MAX_IN_FLIGHT)]
+        try:
+            for _ in range(MAX_IN_FLIGHT):
+                assert sent.acquire(timeout=DEADLINE_S), "a held request never started"
+            wait_until_shed(base_url, read)
+            with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as client:
+                shed = client.post(
+                    "/api/scenarios",
+                    content=json.dumps(scenario_body(name="x" * 50_000)).encode(),
+                    headers=command_headers(tenant.writer),
+                )
+                live = client.get("/health/live")
+                release.set()
+                created = [future.result(timeout=DEADLINE_S) for future in held]
+                after = client.get("/api/scenarios", headers=read)
+        finally:
+            release.set()
+    assert shed.status_code == 503 and shed.json()["error"]["code"] == "OVERLOADED"
+    assert live.status_code == 200, live.text
+    assert after.status_code == 200, after.text
+    assert [r.status_code for r in created] == [201] * MAX_IN_FLIGHT
