@@ -86,7 +86,10 @@ def create_reader_role(database_url: str, role: str, password: str | None = None
             conn.execute(statement)
     except psycopg.Error as e:
         raise RuntimeError(f"the role {role} could not be made: {e}") from e
-    return psycopg.conninfo.make_conninfo(database_url, user=role, password="")
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    params.pop("password", None)  # the owner's, not the reader's
+    params["user"] = role
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
 def act_for(tenant_id: object) -> None:
@@ -244,7 +247,7 @@ class ReadStore:
             raise RuntimeError(
                 f"READ_DATABASE_URL's role {row['rolname']!r} is exempt from row-level security"
                 " (a superuser, BYPASSRLS or the tables' owner): use a role made by"
-                " `accubooks db reader-role`"
+                " `accubooks reader-role`"
             )
 
     def tracking_table(self, projection: str) -> str:

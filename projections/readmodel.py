@@ -273,7 +273,7 @@ def tenancy_ddl(projector: Projector, tracking_table: str, reader: str | None) -
             " IF NOT EXISTS (SELECT 1 FROM pg_policy"
             f" WHERE polrelid = '{table}'::regclass AND polname = '{TENANT_POLICY}') THEN"
             f" CREATE POLICY {TENANT_POLICY} ON {table} FOR SELECT"
-            " USING (tenant_id = current_setting('accubooks.tenant', true)); END IF;"
+            f" USING (tenant_id = current_setting('{readstore.TENANT_SETTING}', true)); END IF;"
             f" {grant} END $$"
         )
     if reader:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -284,7 +285,7 @@ def _reader_role(args: argparse.Namespace, settings: settings_module.Settings) -
         print(f"accubooks: {e}", file=sys.stderr)
         return 1
     result = {"role": args.role, "readDatabaseUrl": url}
-    text = f"role {args.role} ready; give API processes READ_DATABASE_URL={url}"
+    text = f"role {args.role} ready; give API processes READ_DATABASE_URL={shlex.quote(url)}"
     print(msgspec.json.encode(result).decode() if args.json else text, flush=True)
     return 0
 

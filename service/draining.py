@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, cast
@@ -106,6 +107,8 @@ class SheddingProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        if "%" in path:
+            path = urllib.parse.unquote(path)  # as uvicorn does: /health%2Flive is health
         if path.startswith(shedding.EXEMPT_PREFIXES):
             super().on_headers_complete()
             return
