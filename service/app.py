@@ -130,6 +130,20 @@ def _shedding_gate(settings: Settings, routes: list[BaseRoute]) -> shedding.Gate
     return shedding.Gate(settings.max_in_flight, request_id=request_id_of, observe=observe)
 
 
+def _tenant_store(settings: Settings) -> ReadStore | None:
+    """The store the read routes serve tenants from when READ_DATABASE_URL is set (else
+    they share the process's store), refused if row-level security does not bind it."""
+    if not settings.read_database_url:
+        return None
+    store = ReadStore.for_tenants(settings)
+    try:
+        store.check_scoped_role()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def create_app(
     settings: Settings,
     *,
@@ -146,6 +160,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # First, before anything else starts: a reader role that row-level security does
+        # not bind stops the process.
+        tenant_store = _tenant_store(settings)
         log = event_log or open_event_log(settings)
         workers = runner = None
         # Redis when REDIS_URL is set; else in-process, if the projections run here.
@@ -163,10 +180,8 @@ def create_app(
         # Readiness and admission count across tenants; the read routes serve one tenant,
         # as a role row-level security binds when READ_DATABASE_URL is set.
         store = ReadStore(settings)
-        tenant_store = ReadStore.for_tenants(settings) if settings.read_database_url else store
-        tenant_store.check_scoped_role()
         read_api = ReadApi(
-            store=tenant_store,
+            store=tenant_store or store,
             signer=CursorSigner(cursor_key(settings)),
             clock=utc_now,
             read_your_writes_timeout_s=settings.read_your_writes_timeout_s,
@@ -218,7 +233,7 @@ def create_app(
             refresher.cancel()
             await readiness.settle()
             store.close()
-            if tenant_store is not store:
+            if tenant_store is not None:
                 tenant_store.close()
             if runner is not None:
                 runner.stop()
