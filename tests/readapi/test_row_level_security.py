@@ -62,17 +62,26 @@ def scoped(settings: Settings, reader_url: str) -> Settings:
 @pytest.fixture
 def two_tenants(
     scoped: Settings, event_log: EventLog, operator: Collaborators
-) -> Iterator[tuple[TestClient, Tenant, Tenant]]:
-    """Two tenants with scenarios and forecasts, every read model caught up; the API
-    reading as the reader role (no job workers: forecasts stay queued, so the queue's
-    table has rows too)."""
+) -> tuple[Tenant, Tenant]:
+    """Two tenants with scenarios and forecasts, every read model caught up, written
+    through an API reading as the reader role (no job workers: forecasts stay queued, so
+    the queue's table has rows too). Its projection workers have stopped."""
     app = create_app(scoped, event_log=event_log, run_projections=True, run_jobs=False)
     with TestClient(app) as client:
         assert app.state.read_api.store.tenant_scoped
         first, second = make_tenant(operator, "First"), make_tenant(operator, "Second")
         some_commands(client, first)
         some_commands(client, second)
-        yield client, first, second
+    return first, second
+
+
+@pytest.fixture
+def reading(scoped: Settings, event_log: EventLog) -> Iterator[TestClient]:
+    """An API process reading as the reader role."""
+    app = create_app(scoped, event_log=event_log)
+    with TestClient(app) as client:
+        assert app.state.read_api.store.tenant_scoped
+        yield client
 
 
 def _owner_counts(settings: Settings, table: str) -> dict[str, int]:
@@ -83,9 +92,9 @@ def _owner_counts(settings: Settings, table: str) -> dict[str, int]:
 
 
 def test_the_api_serves_every_read_route_as_the_reader_and_only_the_tenants_own_rows(
-    two_tenants: tuple[TestClient, Tenant, Tenant],
+    two_tenants: tuple[Tenant, Tenant], reading: TestClient
 ) -> None:
-    client, first, second = two_tenants
+    client, (first, second) = reading, two_tenants
     for tenant, other in ((first, second), (second, first)):
         listed = read(client, tenant.reader, "/api/scenarios").json()
         assert listed["pagination"]["total"] == 4 and len(listed["data"]) == 4
@@ -113,11 +122,11 @@ def test_the_api_serves_every_read_route_as_the_reader_and_only_the_tenants_own_
 
 
 def test_a_read_without_its_tenant_filter_still_sees_only_the_acting_tenants_rows(
-    scoped: Settings, two_tenants: tuple[TestClient, Tenant, Tenant]
+    scoped: Settings, two_tenants: tuple[Tenant, Tenant]
 ) -> None:
     """Every read-model table that holds tenants' rows, read through the API's own store
     with no tenant filter at all: as if the application forgot it on every route."""
-    _, first, second = two_tenants
+    first, second = two_tenants
     store = ReadStore.for_tenants(scoped)
     tables = [table for projector in wiring.projectors() for table in tenant_tables(projector)]
     assert len(tables) >= 9, tables  # scenarios, forecasts, dashboard, usage, queue, audit
@@ -138,9 +147,9 @@ def test_a_read_without_its_tenant_filter_still_sees_only_the_acting_tenants_row
 
 
 def test_the_reader_cannot_read_the_log_or_write_a_read_model(
-    scoped: Settings, reader_url: str, two_tenants: tuple[TestClient, Tenant, Tenant]
+    reader_url: str, two_tenants: tuple[Tenant, Tenant]
 ) -> None:
-    _, first, _ = two_tenants
+    first, _ = two_tenants
     with psycopg.connect(reader_url, autocommit=True) as conn:
         conn.execute("SELECT set_config('accubooks.tenant', %s, false)", [str(first.tenant_id)])
         for statement in (
@@ -158,10 +167,9 @@ def test_the_reader_cannot_read_the_log_or_write_a_read_model(
 def test_a_rebuild_switch_keeps_the_readers_access_and_the_policies(
     scoped: Settings,
     event_log: EventLog,
-    two_tenants: tuple[TestClient, Tenant, Tenant],
+    two_tenants: tuple[Tenant, Tenant],
 ) -> None:
-    client, first, second = two_tenants
-    client.__exit__(None, None, None)  # the live workers stop: a switch needs their locks
+    first, second = two_tenants  # their projection workers have stopped: a switch needs it
     # Run as an operator would, without READ_DATABASE_URL: the switch carries the grants.
     unscoped = msgspec.structs.replace(scoped, read_database_url=None)
     report = rebuilder.rebuild(unscoped, event_log, wiring.projectors(), switch=True)

@@ -26,8 +26,9 @@ import asyncio
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 import msgspec
@@ -266,6 +267,23 @@ def _assert_entries_belong(redis_url: str, prefix: str, expected: dict[Read, byt
         raw.close()
 
 
+def _first_cut_and_answered(
+    name: str,
+    delays: Sequence[float],
+    load: Callable[[float], Coroutine[Any, Any, Outcome]],
+    proxy: TcpProxy,
+) -> None:
+    """Runs ``load`` with the link slowed by each delay in turn, every run all right, until
+    one has calls both cut by the budget and answered."""
+    for delay in delays:
+        proxy.delay(delay)
+        outcome = asyncio.run(load(delay))
+        _assert_all_right(f"{name} ({delay:g} s each way)", outcome)
+        if _cut_and_answered(outcome):
+            return
+    raise AssertionError(f"{name}: no delay had calls both cut and answered")
+
+
 @pytest.mark.parametrize("settings", ["postgres"], indirect=True)
 def test_redis_calls_cancelled_mid_flight_never_answer_another_request(
     settings: Settings, event_log: EventLog, operator: Collaborators, private: PrivateRedis
@@ -286,33 +304,22 @@ def test_redis_calls_cancelled_mid_flight_never_answer_another_request(
 
             # The test is only worth something if the budget really cut calls short while
             # others, on the same pool, got their answers. Where "right at the budget"
-            # falls depends on the machine's speed: the delay steps down until a run has
-            # both (every run must be all right).
-            late_reply = None
-            for delay in LATE_REPLY_TRIES:
-                proxy.delay(delay)
-                outcome = asyncio.run(_load(url, reads, expected, proxy))
-                _assert_all_right(f"replies at the budget ({delay:g} s each way)", outcome)
-                if _cut_and_answered(outcome):
-                    late_reply = outcome
-                    break
-            assert late_reply is not None, "no delay had calls both cut and answered"
-
-            # The same holds for the connections: how many of the calls on new ones
-            # land past the budget depends on the machine, so this delay steps down too.
-            late_connect = None
-            for delay in LATE_CONNECT_TRIES:
-                proxy.delay(delay)
-                outcome = asyncio.run(
-                    _load(
-                        url, reads, expected, proxy, reset_between=(0.3, 0.4), slowed_again_s=delay
-                    )
-                )
-                _assert_all_right(f"connections at the budget ({delay:g} s), reset", outcome)
-                if _cut_and_answered(outcome):
-                    late_connect = outcome
-                    break
-            assert late_connect is not None, "no delay had connections both cut and answered"
+            # falls depends on the machine's speed, for replies and for new connections
+            # alike: each delay steps down until a run has both (every run must be right).
+            _first_cut_and_answered(
+                "replies at the budget",
+                LATE_REPLY_TRIES,
+                lambda delay: _load(url, reads, expected, proxy),
+                proxy,
+            )
+            _first_cut_and_answered(
+                "connections at the budget, reset meanwhile",
+                LATE_CONNECT_TRIES,
+                lambda delay: _load(
+                    url, reads, expected, proxy, reset_between=(0.3, 0.4), slowed_again_s=delay
+                ),
+                proxy,
+            )
             # Checked at once too: entries live ENTRY_TTL_S, and stepping the delay down
             # may take longer than that.
             during = _assert_entries_belong(private.url, cached.cache_prefix, expected)

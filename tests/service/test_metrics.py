@@ -29,7 +29,7 @@ from service import wiring
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, make_tenant, scenario_body
 from tests.service.processes import api_process
-from tests.service.test_shedding import DEADLINE_S, get, held_body, wait_until_shed
+from tests.service.test_shedding import DEADLINE_S, get, held_create, wait_until_shed
 from tests.services import ADMIN_URL, postgres_database, serving
 
 DURATION = "accubooks_request_duration_seconds"
@@ -119,12 +119,7 @@ def test_shed_requests_are_counted_and_timed_under_their_route(
     with serving(create_app(limited, event_log=event_log)) as base_url:
 
         def create() -> httpx2.Response:
-            with httpx2.Client(base_url=base_url, timeout=DEADLINE_S) as http:
-                return http.post(
-                    "/api/scenarios",
-                    content=held_body(release, sent),
-                    headers=command_headers(tenant.writer),
-                )
+            return held_create(base_url, tenant.writer, release, sent)
 
         before = Scrape(get(base_url, "/metrics"))
         with ThreadPoolExecutor(max_workers=in_flight) as pool:
