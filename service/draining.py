@@ -85,15 +85,89 @@ _SHED_HEAD = STATUS_LINE[503] + (
 )
 
 
+# Header names after which a request is not answered by the fast path (whose answer is
+# canned): a body may follow, the connection's handling may change, or the client's own
+# request id is to be echoed.
+_NOT_AT_ONCE = (
+    b"\r\ncontent-length:",
+    b"\r\ntransfer-encoding:",
+    b"\r\nconnection:",
+    b"\r\nupgrade:",
+    b"\r\nexpect:",
+    b"\r\nx-request-id:",
+)
+_EXEMPT = tuple(prefix.encode() for prefix in shedding.EXEMPT_PREFIXES)
+
+
 class SheddingProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, which answers 503 OVERLOADED by itself while the app's
-    gate is full, as soon as a request's headers are parsed: no task, no ASGI messages,
-    no middleware. A shed request then costs little more than its parsing, and the core
-    stays with the admitted ones (perf.overload_bench measures both)."""
+    gate is full: no task, no ASGI messages, no middleware. A shed request then costs
+    little more than reading it, and the core stays with the admitted ones
+    (perf.overload_bench measures both).
+
+    Two paths. The common request under load, one plain GET that arrives whole in one read
+    between messages, is answered in ``data_received`` before the parser sees it (the
+    parser's callbacks and uvicorn's scope were two thirds of a shed's CPU). Any other is
+    answered once the parser has its headers (``on_headers_complete``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._gate = _gate_of(self.app)
+        # The parser has begun a message it has not finished: data is not a new request.
+        self._mid_message = False
+
+    def on_message_begin(self) -> None:
+        self._mid_message = True
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._mid_message = False
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        gate = self._gate
+        if (
+            gate is None
+            or not gate.full()
+            or self._mid_message
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or not self._shed_at_once(gate, data)
+        ):
+            super().data_received(data)
+
+    def _shed_at_once(self, gate: shedding.Gate, data: bytes) -> bool:
+        """Answers ``data`` 503 OVERLOADED when it is exactly one whole GET request without
+        a body that HTTP/1.1 keeps alive and that no exempt route serves; else False, and
+        ``data`` is left to the parser (which then sheds it, or not, as it finds it)."""
+        if not data.startswith(b"GET /") or data.find(b"\r\n\r\n") != len(data) - 4:
+            return False
+        line_end = data.find(b"\r\n")
+        line = data[:line_end]
+        if not line.endswith(b" HTTP/1.1"):
+            return False
+        target = line[4:-9]
+        path = target.partition(b"?")[0]
+        if b"%" in path or b" " in target or path.startswith(_EXEMPT):
+            return False
+        headers = data[line_end:].lower()
+        if any(name in headers for name in _NOT_AT_ONCE):
+            return False
+        started = time.perf_counter()
+        self._unset_keepalive_if_required()
+        scope = cast(
+            Scope,
+            {
+                "type": "http",
+                "method": "GET",
+                "path": path.decode("latin-1"),
+                "root_path": self.root_path,
+                "headers": [],
+            },
+        )
+        self.transport.write(self._overloaded(gate, scope, keep_alive=True))
+        self.on_response_complete()
+        gate.shed_by_protocol(scope, time.perf_counter() - started)
+        return True
 
     def on_headers_complete(self) -> None:
         gate = self._gate
@@ -118,15 +192,6 @@ class SheddingProtocol(HttpToolsProtocol):
         self.scope["method"] = self.parser.get_method().decode("ascii")
         self.scope["path"] = path
         scope = cast(Scope, self.scope)
-        request_id = gate.request_id(scope)
-        body = errors.overloaded_body(request_id)
-        head = [_SHED_HEAD]
-        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
-        head.append(b"x-request-id: %s\r\n" % request_id.encode())
-        head.append(b"content-length: %d\r\n" % len(body))
-        if not keep_alive:
-            head.append(b"connection: close\r\n")
-        head += [b"\r\n", body]
         # The request's body, if any, is read and dropped by the parser as it comes.
         self.cycle = Cycle(
             scope=self.scope,
@@ -142,12 +207,25 @@ class SheddingProtocol(HttpToolsProtocol):
             on_response=self.on_response_complete,
         )
         self.cycle.response_complete = True
-        self.transport.write(b"".join(head))
+        self.transport.write(self._overloaded(gate, scope, keep_alive=keep_alive))
         if keep_alive:
             self.on_response_complete()
         else:
             self.transport.close()
         gate.shed_by_protocol(scope, time.perf_counter() - started)
+
+    def _overloaded(self, gate: shedding.Gate, scope: Scope, *, keep_alive: bool) -> bytes:
+        """The whole 503 OVERLOADED answer to the request of ``scope``."""
+        request_id = gate.request_id(scope)
+        body = errors.overloaded_body(request_id)
+        head = [_SHED_HEAD]
+        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+        head.append(b"x-request-id: %s\r\n" % request_id.encode())
+        head.append(b"content-length: %d\r\n" % len(body))
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        head += [b"\r\n", body]
+        return b"".join(head)
 
 
 def serve(

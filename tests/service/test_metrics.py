@@ -18,14 +18,18 @@ import httpx2
 import msgspec
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Match
 from starlette.testclient import TestClient
 
 from commands.context import Collaborators
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
-from service import wiring
+from service import metrics, wiring
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, make_tenant, scenario_body
 from tests.service.processes import api_process
@@ -288,3 +292,28 @@ def test_api_processes_sharing_a_multiprocess_dir_each_report_the_sum_of_both(
         assert scraped.value("accubooks_database_up") == 1
     # Each process kept its series in files of its own in the shared folder.
     assert len(list(multiproc_dir.glob("histogram_*.db"))) == 2
+
+
+# The app's routes (the settings do not change them): built once, never started.
+_ROUTES = create_app(Settings()).router.routes
+_SEGMENTS = st.text(alphabet="abcXYZ019-_.~:@%!$", min_size=0, max_size=12)
+
+
+@given(
+    template=st.sampled_from([str(getattr(r, "path", "/")) for r in _ROUTES]),
+    fills=st.lists(_SEGMENTS, min_size=4, max_size=4),
+    suffix=st.sampled_from(["", "/", "/x", "//", "/archive"]),
+)
+@examples(max_examples=300, deadline=None)
+def test_a_shed_request_is_timed_under_the_route_the_router_would_pick(
+    template: str, fills: list[str], suffix: str
+) -> None:
+    """Requests shed before the router are labelled by one combined regex of the routes;
+    for any path it names the route Starlette's own matching, route by route, finds."""
+    path = re.sub(r"\{[^}]+\}", lambda _: fills.pop() if fills else "x", template) + suffix
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
+    router_pick = next((r for r in _ROUTES if r.matches(scope)[0] is not Match.NONE), None)
+    metrics._matched.clear()
+    assert metrics.route_template(scope, _ROUTES) == str(
+        getattr(router_pick, "path", metrics.UNMATCHED)
+    )

@@ -5,10 +5,12 @@ health is never shed, and the bound frees up when the held requests finish."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 import httpx2
 import msgspec
@@ -186,3 +188,91 @@ def test_a_shed_command_leaves_its_connection_usable(base_url: str, tenant: Tena
     assert live.status_code == 200, live.text
     assert after.status_code == 200, after.text
     assert [r.status_code for r in created] == [201] * MAX_IN_FLIGHT
+
+
+@pytest.fixture
+def ours_url(settings: Settings, event_log: EventLog) -> Iterator[str]:
+    limited = msgspec.structs.replace(settings, max_in_flight=MAX_IN_FLIGHT)
+    with serving(create_app(limited, event_log=event_log), http=SheddingProtocol) as url:
+        yield url
+
+
+def read_answer(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer from a raw connection: status, headers (lower-case), body."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line[9:12]), headers, stream.read(int(headers["content-length"]))
+
+
+def test_every_shape_of_request_is_shed_right_on_one_connection(
+    ours_url: str, tenant: Tenant
+) -> None:
+    """The protocol answers a whole plain GET before parsing it, and leaves every other
+    shape to the parser: a client sees the same answers either way, in order, on one
+    keep-alive connection, until it asks to close."""
+    host, port = ours_url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {tenant.reader}\r\n"
+    plain = f"GET /api/scenarios?limit=5 HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
+    own_id = f"GET /api/scenarios HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine-7\r\n{auth}\r\n"
+    smuggling = (
+        f"POST /api/scenarios HTTP/1.1\r\nHost: x\r\nContent-Length: {len(plain)}\r\n"
+        f"Content-Type: application/json\r\n{auth}\r\n"
+    ).encode()
+    closing = f"GET /api/dashboard HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+    release = threading.Event()
+    sent = threading.Semaphore(0)
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        held = [
+            pool.submit(held_create, ours_url, tenant.writer, release, sent)
+            for _ in range(MAX_IN_FLIGHT)
+        ]
+        try:
+            for _ in range(MAX_IN_FLIGHT):
+                assert sent.acquire(timeout=DEADLINE_S), "a held request never started"
+            wait_until_shed(ours_url, {"Authorization": f"Bearer {tenant.reader}"})
+            with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as sock:
+                stream = sock.makefile("rb")
+                sock.sendall(plain)
+                whole = read_answer(stream)
+                sock.sendall(own_id.encode())
+                echoed = read_answer(stream)
+                sock.sendall(plain[:20])  # one request in two reads
+                time.sleep(0.05)
+                sock.sendall(plain[20:])
+                split = read_answer(stream)
+                sock.sendall(plain + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                pipelined = [read_answer(stream), read_answer(stream)]
+                # A body that reads like a request is a body (no answer of its own).
+                sock.sendall(smuggling)
+                time.sleep(0.05)
+                sock.sendall(plain)
+                time.sleep(0.05)
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                smuggled = [read_answer(stream), read_answer(stream)]
+                sock.sendall(closing.encode())
+                closed = read_answer(stream)
+                assert stream.read() == b"", "the connection must be closed as asked"
+        finally:
+            release.set()
+        created = [future.result(timeout=DEADLINE_S) for future in held]
+
+    for status, headers, body in [whole, echoed, split, pipelined[0], smuggled[0], closed]:
+        assert status == 503
+        assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+        error = json.loads(body)["error"]
+        assert error["code"] == "OVERLOADED" and error["requestId"] == headers["x-request-id"]
+    assert echoed[1]["x-request-id"] == "mine-7"
+    ids = [answer[1]["x-request-id"] for answer in (whole, split, pipelined[0], closed)]
+    assert len(set(ids)) == len(ids), "every shed request gets its own id"
+    for _, _, body in (pipelined[1], smuggled[1]):
+        assert json.loads(body) == {"status": "ok"}
+    assert "connection" not in whole[1] and closed[1]["connection"] == "close"
+    assert [r.status_code for r in created] == [201] * MAX_IN_FLIGHT
+    assert (
+        get(ours_url, "/api/scenarios", {"Authorization": f"Bearer {tenant.reader}"}).status_code
+        == 200
+    )
