@@ -6,12 +6,19 @@ each process's values in shared files that /metrics adds up."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Read-cache lookups by outcome: hit, miss, error (Redis failed or the breaker is open).
 CACHE = Counter("accubooks_cache_requests", "Read-cache lookups by outcome", ["result"])
 # Requests answered 503 OVERLOADED by load shedding.
 SHED = Counter("accubooks_shed_requests", "Requests shed (503 OVERLOADED)")
+# The in-flight bound in force (below ACCUBOOKS_MAX_IN_FLIGHT while requests take longer
+# than ACCUBOOKS_SHED_LATENCY_TARGET_MS); one series per live process in multi-process mode.
+IN_FLIGHT_LIMIT = Gauge(
+    "accubooks_in_flight_limit",
+    "Requests admitted in flight before new ones are shed",
+    multiprocess_mode="liveall",
+)
 # Operations over their budget, by operation (503 OPERATION_TIMEOUT, Redis calls).
 TIMEOUTS = Counter("accubooks_timeouts", "Operations over their time budget", ["operation"])
 

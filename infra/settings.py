@@ -47,6 +47,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Load shedding: requests in flight per process before new ones get 503 OVERLOADED
     # (health and metrics are never shed).
     max_in_flight: PositiveInt = 64
+    # While admitted requests take longer than this on average, the bound above is
+    # lowered (to 4 at least) until they do not, and raised back when they are faster
+    # (service.shedding.Gate.finished); 0: the bound stays max_in_flight.
+    shed_latency_target_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Longest a read sent with X-Consistency-Token waits for the read models to reach it
     # (then 503 OPERATION_TIMEOUT, operation read_your_writes).
     read_your_writes_timeout_s: PositiveSeconds = 2.0

@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-in-flight", type=int, default=0, help="ACCUBOOKS_MAX_IN_FLIGHT; 0: the default"
     )
+    parser.add_argument(
+        "--latency-target-ms",
+        type=float,
+        default=None,
+        help="ACCUBOOKS_SHED_LATENCY_TARGET_MS; unset: the default",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=170.0)
@@ -123,6 +129,8 @@ def run(argv: list[str] | None = None) -> Report:
     api_env = {"ACCUBOOKS_CACHE_ENABLED": "false", "ACCUBOOKS_LOG_LEVEL": args.log_level}
     if args.max_in_flight:
         api_env["ACCUBOOKS_MAX_IN_FLIGHT"] = str(args.max_in_flight)
+    if args.latency_target_ms is not None:
+        api_env["ACCUBOOKS_SHED_LATENCY_TARGET_MS"] = f"{args.latency_target_ms:g}"
     capacity: Capacity | None = None
     overload: Overload | None = None
     recovery: Recovery | None = None

@@ -127,7 +127,12 @@ def _shedding_gate(settings: Settings, routes: list[BaseRoute]) -> shedding.Gate
         route = metrics.route_template(scope, routes)
         metrics.observe(route, metrics.method_label(scope), status, duration_s)
 
-    return shedding.Gate(settings.max_in_flight, request_id=request_id_of, observe=observe)
+    return shedding.Gate(
+        settings.max_in_flight,
+        request_id=request_id_of,
+        observe=observe,
+        latency_target_s=settings.shed_latency_target_ms / 1000,
+    )
 
 
 def _tenant_store(settings: Settings) -> ReadStore | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -22,6 +23,7 @@ from typing import Any, cast
 import httptools
 import uvicorn
 import uvloop
+from prometheus_client import multiprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import Scope
@@ -284,6 +286,12 @@ def serve_in_process(
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started:
+            # What the process holds once it serves (modules, routes, pools) lives as long
+            # as it does: frozen, the collector never walks it again. Under overload a full
+            # collection then took 4 ms instead of 43 (every 1.5 s, collecting nothing),
+            # a pause every request in the process waited out.
+            gc.collect()
+            gc.freeze()
             started()
         await task
 
@@ -345,6 +353,9 @@ def run_workers(
         except ChildProcessError:
             break
         alive.discard(pid)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            # Its gauges (the in-flight bound) leave /metrics with it.
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         exit_code = os.waitstatus_to_exitcode(status)
         if exit_code != 0 and not stopping:
             logger.error("API worker %d exited with %d: stopping the others", pid, exit_code)

@@ -1,6 +1,10 @@
 """Load shedding: a bound on the requests one process has in flight. Beyond it a request
 is answered at once with 503 OVERLOADED (the envelope, Retry-After); it never waits in a
-queue. Health and metrics are never shed: an overloaded process is still alive.
+queue. Health and metrics are never shed: an overloaded process is still alive. The bound is
+max_in_flight; with a latency target (ACCUBOOKS_SHED_LATENCY_TARGET_MS) it is lowered
+while admitted requests take longer than the target and raised back when they are faster
+(Gate.finished), so that a workload whose requests are costly is held at the concurrency
+its latency allows, and a cheap one keeps the full bound.
 
 Under overload most requests are shed, and each shed one costs the core the admitted ones
 need (perf.overload_bench measures it against a served request). So the bound is checked
@@ -27,6 +31,12 @@ from infra import metrics
 from service import errors
 
 EXEMPT_PREFIXES = ("/health/", "/metrics")
+# The adaptive bound (Gate.finished).
+WINDOW_REQUESTS = 32
+WINDOW_S = 0.1
+MAX_CUT = 0.5
+MAX_RAISE = 1.25
+MIN_LIMIT = 4
 # At most one summary line this often while the protocol sheds requests.
 SUMMARY_EVERY_S = 1.0
 
@@ -44,8 +54,18 @@ class Gate:
         *,
         request_id: Callable[[Scope], str],
         observe: Callable[[Scope, int, float], None],
+        latency_target_s: float = 0.0,
     ) -> None:
         self.max_in_flight = max_in_flight
+        # The bound in force: max_in_flight, or less while admitted requests take longer
+        # than latency_target_s (0: never less).
+        self.limit = max_in_flight
+        metrics.IN_FLIGHT_LIMIT.set(max_in_flight)
+        self._limit = float(max_in_flight)
+        self._target_s = latency_target_s
+        self._window_n = 0
+        self._window_s = 0.0
+        self._window_started = time.monotonic()
         self.in_flight = 0
         self.request_id = request_id
         self._observe = observe
@@ -53,7 +73,35 @@ class Gate:
         self._summary_at = 0.0
 
     def full(self) -> bool:
-        return self.in_flight >= self.max_in_flight
+        return self.in_flight >= self.limit
+
+    def finished(self, duration_s: float) -> None:
+        """An admitted request took ``duration_s``: every window of WINDOW_REQUESTS of them
+        (and at least WINDOW_S), the bound moves by target / their mean duration, at most
+        halved or raised by a quarter, within [MIN_LIMIT, max_in_flight] (once it lasted
+        WINDOW_S, so that a burst's first requests do not decide alone). With the requests
+        sharing a core, their mean duration is about the bound times a request's cost
+        (Little's law), so the bound settles where the mean is the target."""
+        if not self._target_s:
+            return
+        self._window_n += 1
+        self._window_s += duration_s
+        if self._window_n < WINDOW_REQUESTS:
+            return
+        now = time.monotonic()
+        if now - self._window_started < WINDOW_S:
+            return
+        mean_s = self._window_s / self._window_n
+        step = min(MAX_RAISE, max(MAX_CUT, self._target_s / mean_s)) if mean_s > 0 else MAX_RAISE
+        floor = min(MIN_LIMIT, self.max_in_flight)
+        self._limit = min(float(self.max_in_flight), max(float(floor), self._limit * step))
+        limit = round(self._limit)
+        if limit != self.limit:
+            self.limit = limit
+            metrics.IN_FLIGHT_LIMIT.set(limit)
+        self._window_n = 0
+        self._window_s = 0.0
+        self._window_started = now
 
     def shed_by_protocol(self, scope: Scope, duration_s: float) -> None:
         """Records a request the protocol answered 503 OVERLOADED by itself."""
@@ -91,7 +139,9 @@ class LoadSheddingMiddleware:
             await response(scope, receive, send)
             return
         gate.in_flight += 1
+        started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             gate.in_flight -= 1
+            gate.finished(time.perf_counter() - started)
