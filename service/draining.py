@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -98,6 +99,10 @@ _NOT_AT_ONCE = (
     b"\r\nexpect:",
     b"\r\nx-request-id:",
 )
+# Header blocks the parser may read otherwise than the checks above (a space before a
+# colon, a folded line, a line ending in a bare LF or CR): left to the parser, which
+# refuses what HTTP does not allow.
+_UNUSUAL = re.compile(rb"[ \t]:|\n[ \t]|[^\r]\n|\r[^\n]")
 _EXEMPT = tuple(prefix.encode() for prefix in shedding.EXEMPT_PREFIXES)
 
 
@@ -152,7 +157,7 @@ class SheddingProtocol(HttpToolsProtocol):
         if b"%" in path or b" " in target or path.startswith(_EXEMPT):
             return False
         headers = data[line_end:].lower()
-        if any(name in headers for name in _NOT_AT_ONCE):
+        if any(name in headers for name in _NOT_AT_ONCE) or _UNUSUAL.search(headers):
             return False
         started = time.perf_counter()
         self._unset_keepalive_if_required()

@@ -256,6 +256,15 @@ def test_every_shape_of_request_is_shed_right_on_one_connection(
                 sock.sendall(closing.encode())
                 closed = read_answer(stream)
                 assert stream.read() == b"", "the connection must be closed as asked"
+            with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as sock:
+                # A header the parser refuses is refused, never shed as if it were fine
+                # (its "body" would then be read as a request of its own).
+                stream = sock.makefile("rb")
+                sock.sendall(plain[:-2] + b"Content-Length : 5\r\n\r\n")
+                time.sleep(0.05)
+                sock.sendall(b"GET /")
+                refused = read_answer(stream)
+                assert stream.read() == b"", "a refused request closes its connection"
         finally:
             release.set()
         created = [future.result(timeout=DEADLINE_S) for future in held]
@@ -265,6 +274,7 @@ def test_every_shape_of_request_is_shed_right_on_one_connection(
         assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
         error = json.loads(body)["error"]
         assert error["code"] == "OVERLOADED" and error["requestId"] == headers["x-request-id"]
+    assert refused[0] == 400
     assert echoed[1]["x-request-id"] == "mine-7"
     ids = [answer[1]["x-request-id"] for answer in (whole, split, pipelined[0], closed)]
     assert len(set(ids)) == len(ids), "every shed request gets its own id"
