@@ -6,7 +6,13 @@ each process's values in shared files that /metrics adds up."""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
+
+# prometheus_client chooses between in-memory and file-backed values when it is imported,
+# from this variable.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # Read-cache lookups by outcome: hit, miss, error (Redis failed or the breaker is open).
 CACHE = Counter("accubooks_cache_requests", "Read-cache lookups by outcome", ["result"])

@@ -177,7 +177,9 @@ def run(argv: list[str] | None = None) -> Report:
                 # shedding would cost the capacity it measures.
                 admits = from_env(api_env).max_in_flight
                 shape = LoadShape(
-                    connections=min(args.connections or _closed_loop(args), admits),
+                    connections=min(
+                        args.connections or (8 if args.latency_target_ms else 32), admits
+                    ),
                     threads=1,
                     duration_s=args.capacity_s,
                     warmup_s=args.warmup_s,
@@ -234,10 +236,6 @@ def run(argv: list[str] | None = None) -> Report:
         checks=checked,
         problems=problems,
     )
-
-
-def _closed_loop(args: argparse.Namespace) -> int:
-    return 8 if args.latency_target_ms else 32
 
 
 def _say(text: str) -> None:

@@ -31,6 +31,7 @@ from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as Cycle
 
+from infra import metrics
 from service import errors, shedding
 
 logger = logging.getLogger("accubooks.draining")
@@ -160,7 +161,6 @@ class SheddingProtocol(HttpToolsProtocol):
         if any(name in headers for name in _NOT_AT_ONCE) or _UNUSUAL.search(headers):
             return False
         started = time.perf_counter()
-        self._unset_keepalive_if_required()
         scope = cast(
             Scope,
             {
@@ -172,7 +172,7 @@ class SheddingProtocol(HttpToolsProtocol):
             },
         )
         self.transport.write(self._overloaded(gate, scope, keep_alive=True))
-        self.on_response_complete()
+        self.on_response_complete()  # re-arms the keep-alive timeout, as after any answer
         gate.shed_by_protocol(scope, time.perf_counter() - started)
         return True
 
@@ -358,7 +358,7 @@ def run_workers(
         except ChildProcessError:
             break
         alive.discard(pid)
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if metrics.MULTIPROCESS:
             # Its gauges (the in-flight bound) leave /metrics with it.
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         exit_code = os.waitstatus_to_exitcode(status)

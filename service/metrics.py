@@ -10,7 +10,6 @@ processes (a parked event is recorded by a projection process, and scraped from 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -34,9 +33,8 @@ from infra.clock import utc_now
 from infra.errors import StoreUnavailableError
 from service.health import Progress, ReadinessProbe
 
-# prometheus_client chooses between in-memory and file-backed values when it is imported,
-# from this variable; the exposition follows the same choice.
-MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+# In-memory or file-backed values (infra.metrics); the exposition follows the same choice.
+MULTIPROCESS = metrics.MULTIPROCESS
 # The route label of a request no route matched (404s, shed requests to unknown paths),
 # so that arbitrary paths never become series.
 UNMATCHED = "unmatched"

@@ -42,13 +42,13 @@ def window(bound: shedding.Gate, seconds: float) -> int:
 
 def test_the_bound_falls_while_requests_are_slower_than_the_target_and_rises_back() -> None:
     bound = gate(64, target_s=0.010)
-    # Four times the target: cut, at most by half a window, down to the floor.
+    # Four times the target: cut by half at most per window, down to the floor.
     assert [window(bound, 0.040) for _ in range(5)] == [32, 16, 8, 4, 4]
     assert bound.full() is False
     bound.in_flight = 4
     assert bound.full(), "at the lowered bound, the next request is shed"
     bound.in_flight = 0
-    # Twice the target: halved at most, not by the ratio alone.
+    # 1.3 times the target: cut by the ratio itself (under the halving limit).
     bound = gate(64, target_s=0.010)
     assert window(bound, 0.013) == round(64 * 0.010 / 0.013)
     # Faster than the target: back up by a quarter a window, never above the maximum.
