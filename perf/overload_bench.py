@@ -9,6 +9,8 @@ meet the p99 target (it recovers at once). All against the same server, in one r
     # the bound that follows latency (its capacity measured with 8 connections: fewer
     # than the bound settles at, so that the closed loop is never shed):
     .venv/bin/python -m perf.overload_bench --latency-target-ms 12 --report overload_target
+    # the edge (deploy/haproxy.cfg, apt-get install -y haproxy) in front of the process:
+    .venv/bin/python -m perf.overload_bench --edge --report overload_edge
 
 The workload is chosen so that a Python open-loop generator can offer 3x the capacity on
 this 2-core machine and stay small against the server: ONE `accubooks api` process with
@@ -52,7 +54,7 @@ from perf.overload_report import (
     checks,
     render_markdown,
 )
-from perf.processes import accubooks, api_process, stop_on_signals
+from perf.processes import accubooks, api_process, edge_proxy, stop_on_signals
 from perf.read_report import Cores, cores_of, machine_facts
 from perf.seeding import seed_tenants, wait_caught_up
 from perf.topology import DISTINCT_RESULTS
@@ -105,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ACCUBOOKS_SHED_LATENCY_TARGET_MS; unset: the default",
     )
+    parser.add_argument(
+        "--edge",
+        action="store_true",
+        help="serve through deploy/haproxy.cfg, which sheds before the API process; the "
+        "capacity is then measured through it too",
+    )
+    parser.add_argument(
+        "--edge-max-in-flight", type=int, default=8, help="ACCUBOOKS_EDGE_MAX_IN_FLIGHT"
+    )
+    parser.add_argument("--edge-queue", type=int, default=8, help="ACCUBOOKS_EDGE_QUEUE")
     parser.add_argument("--report", default="overload", help="perf/reports/<REPORT>.md and .json")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--seed", type=int, default=1)
@@ -171,15 +183,30 @@ def run(argv: list[str] | None = None) -> Report:
         write_plan(plan_file, read_mix.draw_plan(reads, args.plan, rng))
         plan = read_plan(plan_file)
         try:
-            with api_process(database_url, api_env, deadline, workers=1) as (url, pid):
-                meter = CpuMeter({"server": pid}, database_url)
+            with ExitStack() as served:
+                url, pid = served.enter_context(
+                    api_process(database_url, api_env, deadline, workers=1)
+                )
+                processes = {"server": pid}
                 # More connections than the process admits would be shed, and the
                 # shedding would cost the capacity it measures.
                 admits = from_env(api_env).max_in_flight
+                connections = args.connections or (8 if args.latency_target_ms else 32)
+                if args.edge:
+                    edge = served.enter_context(
+                        edge_proxy(
+                            url,
+                            deadline,
+                            max_in_flight=args.edge_max_in_flight,
+                            queue=args.edge_queue,
+                        )
+                    )
+                    url, processes["edge"] = edge.url, edge.pid
+                    admits = args.edge_max_in_flight
+                    connections = args.connections or admits
+                meter = CpuMeter(processes, database_url)
                 shape = LoadShape(
-                    connections=min(
-                        args.connections or (8 if args.latency_target_ms else 32), admits
-                    ),
+                    connections=min(connections, admits),
                     threads=1,
                     duration_s=args.capacity_s,
                     warmup_s=args.warmup_s,
@@ -225,7 +252,14 @@ def run(argv: list[str] | None = None) -> Report:
         ok=not problems and len(checked) == 4,
         command=" ".join([".venv/bin/python -m perf.overload_bench", *(argv or sys.argv[1:])]),
         machine=machine_facts(args.admin_url, load_at_start, date),
-        workload=WORKLOAD,
+        workload=WORKLOAD
+        + (
+            ""
+            if not args.edge
+            else f"; served through the edge, deploy/haproxy.cfg (ACCUBOOKS_EDGE_MAX_IN_FLIGHT="
+            f"{args.edge_max_in_flight}, ACCUBOOKS_EDGE_QUEUE={args.edge_queue}), which sheds "
+            "before the API process; the capacity is measured through it too"
+        ),
         tenants=args.tenants,
         scenarios=args.scenarios,
         events=events,

@@ -145,9 +145,10 @@ def _ms(latency: RouteLatency | None) -> str:
 
 
 def _cores(cores: Cores, generator: float) -> str:
+    edge = "" if cores.edge is None else f", edge {cores.edge}"
     return (
-        f"server {cores.server} cores, PostgreSQL {cores.postgres}, generator {generator} "
-        f"(machine {cores.machine} of 2)"
+        f"server {cores.server} cores{edge}, PostgreSQL {cores.postgres}, generator "
+        f"{generator} (machine {cores.machine} of 2)"
     )
 
 

@@ -167,6 +167,55 @@ def api_process(
         yield url, proc.proc.pid
 
 
+# --- the edge (deploy/haproxy.cfg) -------------------------------------------------------
+
+EDGE_CONFIG = ROOT / "deploy" / "haproxy.cfg"
+
+
+@dataclass(frozen=True)
+class Edge:
+    url: str  # where clients connect
+    stats_url: str  # its own /metrics and /stats
+    pid: int
+
+
+@contextmanager
+def edge_proxy(
+    api_url: str, deadline: Deadline, *, max_in_flight: int, queue: int
+) -> Iterator[Edge]:
+    """haproxy with deploy/haproxy.cfg in front of ``api_url``, on free ports, answering;
+    always stopped."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise SystemExit("haproxy is missing: apt-get install -y haproxy")
+    port, stats_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "ACCUBOOKS_EDGE_BIND": f"127.0.0.1:{port}",
+        "ACCUBOOKS_EDGE_STATS_BIND": f"127.0.0.1:{stats_port}",
+        "ACCUBOOKS_API_ADDR": api_url.removeprefix("http://"),
+        "ACCUBOOKS_EDGE_MAX_IN_FLIGHT": str(max_in_flight),
+        "ACCUBOOKS_EDGE_QUEUE": str(queue),
+    }
+    # -db: in the foreground, so that it is this child and stop() ends it.
+    proc = subprocess.Popen([binary, "-db", "-f", str(EDGE_CONFIG)], env=env)
+    edge = Edge(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}", proc.pid)
+    try:
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise SystemExit(f"haproxy exited with {proc.returncode}")
+            try:
+                return httpx.get(edge.stats_url + "/stats", timeout=1, trust_env=False).is_success
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, "the edge answering", deadline, 20.0)
+        yield edge
+    finally:
+        stop(proc)
+
+
 # --- redis-server -----------------------------------------------------------------------
 
 

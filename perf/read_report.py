@@ -42,6 +42,8 @@ class Cores(msgspec.Struct, frozen=True, kw_only=True):
     wrk: float
     machine: float
     other: float
+    # The edge proxy in front of the server (deploy/haproxy.cfg), when a run has one.
+    edge: float | None = None
 
 
 def cores_of(used: CpuUsed) -> Cores:
@@ -57,7 +59,9 @@ def cores_of(used: CpuUsed) -> Cores:
     server = None if server_s is None else server_s / wall
     redis_cores = None if redis_s is None else redis_s / wall
     postgres = None if used.postgres_s is None else used.postgres_s / wall
-    ours = sum(v for v in (server, postgres, redis_cores, wrk) if v is not None)
+    edge_s = used.processes.get("edge")
+    edge = None if edge_s is None else edge_s / wall
+    ours = sum(v for v in (server, postgres, redis_cores, wrk, edge) if v is not None)
     return Cores(
         server=_round(server),
         postgres=_round(postgres),
@@ -65,6 +69,7 @@ def cores_of(used: CpuUsed) -> Cores:
         wrk=round(wrk, 2),
         machine=round(machine, 2),
         other=round(max(0.0, machine - ours), 2),
+        edge=_round(edge),
     )
 
 
