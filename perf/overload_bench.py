@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--edge-max-in-flight", type=int, default=8, help="ACCUBOOKS_EDGE_MAX_IN_FLIGHT"
     )
-    parser.add_argument("--edge-queue", type=int, default=8, help="ACCUBOOKS_EDGE_QUEUE")
+    parser.add_argument("--edge-queue", type=int, default=16, help="ACCUBOOKS_EDGE_QUEUE")
     parser.add_argument("--report", default="overload", help="perf/reports/<REPORT>.md and .json")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--seed", type=int, default=1)

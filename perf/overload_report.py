@@ -156,6 +156,21 @@ def _capacity_cost(report: Report) -> str:
     return str(None if report.capacity is None else report.capacity.server_cpu_per_request_us)
 
 
+def _shedding_cost(report: Report, o: Overload) -> str:
+    if o.shed_server_side == 0 and o.cores.edge is not None:
+        return (
+            f"Cost of shedding: none to the API, which shed nothing: the edge answered every "
+            f"503, using {o.cores.edge} cores in all."
+        )
+    return (
+        f"Cost of shedding: {o.server_cpu_per_shed_us} us of the API's CPU per shed "
+        f"request, against {_capacity_cost(report)} us per served one. With "
+        f"admitted and shed requests sharing one busy core, that cost bounds the goodput "
+        f"at {o.factor:g}x to {_ratio(o.goodput_bound)} of capacity: (1 - f*C*s) / "
+        "(1 - C*s) for capacity C req/s and s CPU seconds per shed request."
+    )
+
+
 def _ratio(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.0%}"
 
@@ -211,11 +226,7 @@ def render_markdown(report: Report) -> str:
             f"CPU: {_cores(o.cores, o.generator_cores)}. Latency is measured from each "
             "request's scheduled send time (no coordinated omission).",
             "",
-            f"Cost of shedding: {o.server_cpu_per_shed_us} us of the API's CPU per shed "
-            f"request, against {_capacity_cost(report)} us per served one. With "
-            f"admitted and shed requests sharing one busy core, that cost bounds the goodput "
-            f"at {o.factor:g}x to {_ratio(o.goodput_bound)} of capacity: (1 - f*C*s) / "
-            "(1 - C*s) for capacity C req/s and s CPU seconds per shed request.",
+            _shedding_cost(report, o),
         ]
     if (r := report.recovery) is not None:
         lines += [
