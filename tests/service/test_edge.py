@@ -25,7 +25,7 @@ from perf.harness import Deadline
 from perf.processes import Edge, edge_proxy, free_port
 from service.app import create_app
 from tests.conftest import Tenant, command_headers, scenario_body
-from tests.service.test_shedding import DEADLINE_S, get, held_create
+from tests.service.test_shedding import DEADLINE_S, assert_unavailable, get, held_create
 from tests.services import serving, unavailable
 
 SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -126,17 +126,7 @@ def test_beyond_its_bound_and_queue_the_edge_sheds_at_once_and_health_passes(
             release.set()
         created = [future.result(timeout=DEADLINE_S) for future in held]
 
-    assert shed.status_code == 503
-    assert shed.json() == {
-        "error": {
-            "code": "OVERLOADED",
-            "message": "The service is overloaded. Please try again later.",
-            "requestId": "edge-shed-1",
-        }
-    }
-    assert shed.headers["Retry-After"] == "1"
-    assert shed.headers["X-Request-Id"] == "edge-shed-1"
-    assert shed.headers["content-type"] == "application/json"
+    assert_unavailable(shed, "OVERLOADED", "edge-shed-1")
     assert shed_s < 5.0, "a shed request must not wait for a slot"
     assert unnamed.status_code == 503 and unnamed.json()["error"]["code"] == "OVERLOADED"
     assert unnamed.json()["error"]["requestId"] == unnamed.headers["X-Request-Id"]
@@ -154,13 +144,4 @@ def test_an_api_that_cannot_be_reached_is_service_unavailable_in_the_envelope() 
     nobody = f"http://127.0.0.1:{free_port()}"
     with edge_in_front_of(nobody, max_in_flight=1, queue=1) as edge:
         answer = get(edge.url, "/api/scenarios", {"X-Request-Id": "edge-down-1"})
-    assert answer.status_code == 503
-    assert answer.json() == {
-        "error": {
-            "code": "SERVICE_UNAVAILABLE",
-            "message": "The service is unavailable. Please try again later.",
-            "requestId": "edge-down-1",
-        }
-    }
-    assert answer.headers["Retry-After"] == "1"
-    assert answer.headers["X-Request-Id"] == "edge-down-1"
+    assert_unavailable(answer, "SERVICE_UNAVAILABLE", "edge-down-1")
