@@ -54,7 +54,7 @@ from perf.overload_report import (
     checks,
     render_markdown,
 )
-from perf.processes import accubooks, api_process, edge_proxy, stop_on_signals
+from perf.processes import accubooks, api_process, edge_proxy, family, stop_on_signals
 from perf.read_report import Cores, cores_of, machine_facts
 from perf.seeding import seed_tenants, wait_caught_up
 from perf.topology import DISTINCT_RESULTS
@@ -64,7 +64,7 @@ NONE_ADMITTED = RouteLatency(requests=0, errors=0, p50_ms=0, p95_ms=0, p99_ms=0,
 
 
 WORKLOAD = (
-    "one `accubooks api` process (--workers 1) with the read cache off "
+    "{processes} with the read cache off "
     "(ACCUBOOKS_CACHE_ENABLED=false, no REDIS_URL): every read is a PostgreSQL statement, "
     "so a request costs the server and PostgreSQL far more CPU than the generator, and 3x "
     "the capacity is a rate a Python open-loop client can offer on this 2-core machine (the "
@@ -114,7 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         "capacity is then measured through it too",
     )
     parser.add_argument(
-        "--edge-max-in-flight", type=int, default=8, help="ACCUBOOKS_EDGE_MAX_IN_FLIGHT"
+        "--edge-max-in-flight",
+        type=int,
+        default=None,
+        help="ACCUBOOKS_EDGE_MAX_IN_FLIGHT; default 8 per worker process",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="API worker processes (accubooks api --workers)"
     )
     parser.add_argument("--edge-queue", type=int, default=16, help="ACCUBOOKS_EDGE_QUEUE")
     parser.add_argument("--report", default="overload", help="perf/reports/<REPORT>.md and .json")
@@ -185,24 +191,28 @@ def run(argv: list[str] | None = None) -> Report:
         try:
             with ExitStack() as served:
                 url, pid = served.enter_context(
-                    api_process(database_url, api_env, deadline, workers=1)
+                    api_process(database_url, api_env, deadline, workers=args.workers)
                 )
-                processes = {"server": pid}
+                # The parent and its worker processes (cores_of adds up "server*").
+                processes = {
+                    "server" if i == 0 else f"server {i + 1}": p for i, p in enumerate(family(pid))
+                }
                 # More connections than the process admits would be shed, and the
                 # shedding would cost the capacity it measures.
                 admits = from_env(api_env).max_in_flight
                 connections = args.connections or (8 if args.latency_target_ms else 32)
+                edge_admits = args.edge_max_in_flight or 8 * args.workers
                 if args.edge:
                     edge = served.enter_context(
                         edge_proxy(
                             url,
                             deadline,
-                            max_in_flight=args.edge_max_in_flight,
+                            max_in_flight=edge_admits,
                             queue=args.edge_queue,
                         )
                     )
                     url, processes["edge"] = edge.url, edge.pid
-                    admits = args.edge_max_in_flight
+                    admits = edge_admits
                     connections = args.connections or admits
                 meter = CpuMeter(processes, database_url)
                 shape = LoadShape(
@@ -252,12 +262,17 @@ def run(argv: list[str] | None = None) -> Report:
         ok=not problems and len(checked) == 4,
         command=" ".join([".venv/bin/python -m perf.overload_bench", *(argv or sys.argv[1:])]),
         machine=machine_facts(args.admin_url, load_at_start, date),
-        workload=WORKLOAD
+        workload=WORKLOAD.format(
+            processes="one `accubooks api` process (--workers 1)"
+            if args.workers == 1
+            else f"`accubooks api --workers {args.workers}`"
+        )
         + (
             ""
             if not args.edge
             else f"; served through the edge, deploy/haproxy.cfg (ACCUBOOKS_EDGE_MAX_IN_FLIGHT="
-            f"{args.edge_max_in_flight}, ACCUBOOKS_EDGE_QUEUE={args.edge_queue}), which sheds "
+            f"{args.edge_max_in_flight or 8 * args.workers}, ACCUBOOKS_EDGE_QUEUE="
+            f"{args.edge_queue}), which sheds "
             "before the API process; the capacity is measured through it too"
         ),
         tenants=args.tenants,
