@@ -100,12 +100,13 @@ STEPS = [
     ),
     Step(
         "overload_bench",
-        [],
-        ["--quick"],
-        ["overload"],
+        ["--edge", "--report", "overload_edge"],
+        ["--edge", "--report", "overload_edge", "--quick"],
+        ["overload_edge"],
         300,
-        "overload at 3x capacity (issue 8): one API process, cache off, open loop; admitted "
-        "latency, goodput, 503 OVERLOADED, recovery",
+        "overload at 3x capacity (issue 8): one API process behind the edge "
+        "(deploy/haproxy.cfg), cache off, open loop; admitted latency, goodput, "
+        "503 OVERLOADED, recovery",
     ),
     Step(
         "rebuild_bench",

@@ -154,7 +154,7 @@ def lag(r: Reports) -> tuple[str, bool | None]:
 
 
 def overload(r: Reports) -> tuple[str, bool | None]:
-    report = r.get("overload")
+    report = r.get("overload_edge")
     over, back = dig(report, "overload"), dig(report, "recovery")
     if over is None or back is None:
         return "not measured", None
@@ -205,7 +205,7 @@ TARGETS = [
     ),
     Target("API process RSS under load", "<= 150 MB", api_rss),
     Target(
-        "overload at 3x capacity",
+        "overload at 3x capacity, through the edge",
         "admitted p99 <= 50 ms, goodput >= 90 % of capacity, every non-2xx 503 OVERLOADED "
         "(0 other 5xx), recovery at once (first second p99 <= 50 ms)",
         overload,
