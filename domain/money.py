@@ -2,14 +2,68 @@
 
 from __future__ import annotations
 
+import math
+import re
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
 CENT = Decimal("0.01")
 # A trillion in any currency is beyond every tenant's plan and keeps float64 exact to the cent.
 MONEY_LIMIT = Decimal("1000000000000")
+
+# The form clients should send as a string: plain decimal notation, at most 2 places,
+# below 10^12 in absolute value (what the document says; places and range are checked
+# by checked_money, with their own messages).
+MONEY_STRING_PATTERN = r"^-?(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
+# What a money string may look like at all: ASCII digits, an optional sign and point.
+# Decimal() itself would also read '1_000', ' 12 ', other scripts' digits and exponents.
+_PLAIN = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
+
+
+_JSON_NAMES = {bool: "bool", type(None): "null", list: "array", dict: "object"}
+
+
+class Money(Decimal):
+    """The declared type of a money field. msgspec knows no such type, so it hands the
+    field's JSON value as it is (a string or a number) to ``decode_hook`` instead of
+    reading it with Decimal(); the struct then keeps the plain Decimal that checked_money
+    makes of it (msgspec encodes that, not a Money)."""
+
+
+if TYPE_CHECKING:
+    # To the type checker a money field is the Decimal it holds, so code building
+    # structs in Python passes Decimals; only msgspec, at run time, sees Money.
+    MoneyField = Decimal
+else:
+    MoneyField = Annotated[
+        Money,
+        msgspec.Meta(
+            extra_json_schema={
+                "type": ["string", "number"],
+                "format": "decimal",
+                "pattern": MONEY_STRING_PATTERN,
+            }
+        ),
+    ]
+
+
+def decode_hook(kind: type, value: Any) -> Any:
+    """msgspec's dec_hook for every type holding money: a JSON string in plain decimal
+    notation, or a JSON number (an integer, or a float read back by its shortest form:
+    exact for every amount of at most 2 places below MONEY_LIMIT)."""
+    if kind is not Money:
+        raise TypeError(f"no decoder for {kind!r}")
+    if isinstance(value, str):
+        if not _PLAIN.fullmatch(value):
+            raise ValueError('must be a decimal in plain notation, like "1250.00"')
+        return Money(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"Expected `decimal`, got `{_JSON_NAMES.get(type(value), 'value')}`")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite amount")
+    return Money(repr(value)) if isinstance(value, float) else Money(value)
 
 
 def checked_money(value: Decimal, field: str) -> Decimal:

@@ -29,9 +29,9 @@ class Baseline(
     msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True
 ):
     start_month: Month
-    opening_cash: Decimal
-    monthly_revenue: Decimal
-    monthly_costs: Decimal
+    opening_cash: money.MoneyField
+    monthly_revenue: money.MoneyField
+    monthly_costs: money.MoneyField
     revenue_growth_rate: GrowthRate = 0.0
     cost_growth_rate: GrowthRate = 0.0
     revenue_volatility: Volatility = 0.05
@@ -65,7 +65,7 @@ class CostReduction(_Assumptions, tag="COST_REDUCTION", frozen=True):
 
 class Hiring(_Assumptions, tag="HIRING", frozen=True):
     headcount: Headcount
-    monthly_cost_per_head: Decimal
+    monthly_cost_per_head: money.MoneyField
 
     def __post_init__(self) -> None:
         money.normalise_money_fields(self, "monthly_cost_per_head")
@@ -81,7 +81,7 @@ class PriceChange(_Assumptions, tag="PRICE_CHANGE", frozen=True):
 class Custom(_Assumptions, tag="CUSTOM", frozen=True):
     revenue_percent: Percent = 0.0
     cost_percent: Percent = 0.0
-    one_off_cash: Decimal = Decimal("0.00")
+    one_off_cash: money.MoneyField = Decimal("0.00")
 
     def __post_init__(self) -> None:
         money.normalise_money_fields(self, "one_off_cash")
@@ -116,9 +116,9 @@ def assumptions_payload(assumptions: Assumptions) -> dict[str, Any]:
 
 
 def baseline_from_payload(payload: dict[str, Any]) -> Baseline:
-    return msgspec.convert(payload, Baseline)
+    return msgspec.convert(payload, Baseline, dec_hook=money.decode_hook)
 
 
 def assumptions_from_payload(payload: dict[str, Any]) -> Assumptions:
-    assumptions: Assumptions = msgspec.convert(payload, Assumptions)
+    assumptions: Assumptions = msgspec.convert(payload, Assumptions, dec_hook=money.decode_hook)
     return assumptions

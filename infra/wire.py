@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 
+from domain import money
 from infra.errors import PayloadTooLargeError, RequestValidationError, UnsupportedMediaTypeError
 
 T = TypeVar("T")
@@ -64,7 +65,7 @@ async def read_body(request: Request, *, max_bytes: int, empty_ok: bool = False)
 def decode(data: bytes | msgspec.Raw, kind: type[T], *, at: str = "") -> T:
     """Strictly decodes JSON into ``kind``; ``at`` prefixes error pointers (a nested part)."""
     try:
-        return msgspec.json.decode(data, type=kind)
+        return msgspec.json.decode(data, type=kind, dec_hook=money.decode_hook)
     except msgspec.ValidationError as e:
         raise validation_error(e, at=at) from None
     except msgspec.DecodeError as e:

@@ -154,7 +154,7 @@ def document(operations: Sequence[apidoc.Operation]) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": {name: _money(schema) for name, schema in sorted(components.items())},
+            "schemas": dict(sorted(components.items())),
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",
@@ -187,7 +187,7 @@ def _operation(
         "headers": {"X-Request-Id": _REQUEST_ID} | {h.name: _header(h) for h in headers},
     }
     if answer is not None:
-        success["content"] = {op.media_type: {"schema": _money(answer)}}
+        success["content"] = {op.media_type: {"schema": answer}}
     responses = {str(op.status): success}
     responses.update({str(s): _error(s, error_schema) for s in sorted(set(op.errors))})
     spec: dict[str, Any] = {
@@ -203,7 +203,7 @@ def _operation(
     if body is not None:
         spec["requestBody"] = {
             "required": op.request_body_required,
-            "content": {"application/json": {"schema": _money(body)}},
+            "content": {"application/json": {"schema": body}},
         }
     return spec
 
@@ -240,25 +240,6 @@ def _error(status: int, error_schema: dict[str, Any]) -> dict[str, Any]:
         "headers": {"X-Request-Id": _REQUEST_ID, **_ERROR_HEADERS.get(status, {})},
         "content": {"application/json": {"schema": error_schema}},
     }
-
-
-# Money as a string: plain decimal notation, at most 2 places, below 10^12 in absolute
-# value (domain.money's rules). The service also takes a few other spellings Python's
-# Decimal reads (an exponent, a leading +); this is the form clients should send.
-MONEY_STRING_PATTERN = r"^-?(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
-
-
-def _money(schema: Any) -> Any:
-    """msgspec decodes a Decimal from a JSON string or number, but its schema names only
-    the string; widen it so the document accepts what the service accepts, and give the
-    string its form (the pattern applies to strings only)."""
-    if isinstance(schema, dict):
-        if schema.get("format") == "decimal" and schema.get("type") == "string":
-            return {**schema, "type": ["string", "number"], "pattern": MONEY_STRING_PATTERN}
-        return {key: _money(value) for key, value in schema.items()}
-    if isinstance(schema, list):
-        return [_money(value) for value in schema]
-    return schema
 
 
 _encoder = msgspec.json.Encoder()

@@ -80,7 +80,11 @@ def values_of(kind: mi.Type, field: str) -> st.SearchStrategy[Any]:
         )
     if isinstance(kind, mi.StrType) and kind.pattern is not None:
         return st.from_regex(kind.pattern, fullmatch=True)
-    if isinstance(kind, mi.DecimalType):
+    if isinstance(kind, mi.Metadata):  # money: a custom type with its own schema
+        return values_of(kind.type, field)
+    if isinstance(kind, mi.DecimalType) or (
+        isinstance(kind, mi.CustomType) and issubclass(kind.cls, Decimal)
+    ):
         return money_amounts(non_negative=field in NON_NEGATIVE_MONEY)
     # A new kind of field must get a strategy here rather than go untested.
     raise TypeError(f"no strategy for field {field!r} of type {kind!r}")
