@@ -50,14 +50,18 @@ else:
 
 
 def decode_hook(kind: type, value: Any) -> Any:
-    """msgspec's dec_hook for every type holding money: a JSON string in plain decimal
-    notation, or a JSON number (an integer, or a float read back by its shortest form:
-    exact for every amount of at most 2 places below MONEY_LIMIT)."""
+    """msgspec's dec_hook for every type holding money. A JSON string must be in plain
+    decimal notation. A JSON number arrives as an int, or as the exact Decimal of its text
+    from a decoder with ``float_hook=Decimal`` (infra.wire's), so that 12.0000000000000001
+    is refused for its places instead of being read as the float 12.0; a float (from
+    msgspec.convert of Python values) is read back by its shortest form."""
     if kind is not Money:
         raise TypeError(f"no decoder for {kind!r}")
     if isinstance(value, str):
         if not _PLAIN.fullmatch(value):
             raise ValueError('must be a decimal in plain notation, like "1250.00"')
+        return Money(value)
+    if isinstance(value, Decimal):
         return Money(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"Expected `decimal`, got `{_JSON_NAMES.get(type(value), 'value')}`")

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import msgspec
-
 from commands import forecasts, messages, scenarios, tenants
 from commands.context import Collaborators, CommandContext
 from domain import scenario_spec as spec
@@ -34,7 +32,7 @@ from domain.events import Actor, Attributed
 from domain.forecast import Forecast
 from domain.receipt import CommandReceipt
 from domain.scenario import Scenario
-from infra import locks
+from infra import locks, wire
 from infra.clock import utc_now
 from infra.eventstore import EventLog, open_event_log, projection_file
 from infra.readstore import ReadStore
@@ -577,7 +575,7 @@ def write_commands(deps: Collaborators, tenant_id: uuid.UUID, writer: int) -> Wr
             name = f"writer {writer} scenario {n}"
             body = scenario_body(name=name, type=scenario_type, assumptions=assumptions)
             reply = scenarios.create_scenario(
-                deps, ctx, msgspec.json.decode(json.dumps(body), type=messages.CreateScenarioBody)
+                deps, ctx, wire.decode(json.dumps(body).encode(), messages.CreateScenarioBody)
             )
             assert reply.status == 201, reply.body
             ids.append(uuid.UUID(json.loads(reply.body)["id"]))

@@ -296,6 +296,26 @@ def test_money_string_must_be_a_plain_decimal(
 
 
 @pytest.mark.parametrize(
+    "number", ["12.0000000000000001", "0.1000000000000000055511151231257827", "1.005"]
+)
+def test_a_money_number_is_read_exactly_as_written(
+    client: TestClient, tenant: Tenant, event_log: EventLog, number: str
+) -> None:
+    # As a float, the first two read as 12.0 and 0.1: the places must be those written.
+    position = event_log.position()
+
+    response = client.post(
+        "/api/scenarios",
+        content=with_raw("baseline", "openingCash", number),
+        headers=command_headers(tenant.writer),
+    )
+
+    error = assert_refused(response, 400, VALIDATION, event_log, position)
+    assert pointers_of(error) == ["/baseline/openingCash"]
+    assert "at most 2 decimal places" in error["message"]
+
+
+@pytest.mark.parametrize(
     ("amount", "stored"),
     [
         pytest.param("1250.5", "1250.50", id="string"),
