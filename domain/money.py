@@ -17,9 +17,11 @@ MONEY_LIMIT = Decimal("1000000000000")
 # below 10^12 in absolute value (what the document says; places and range are checked
 # by checked_money, with their own messages).
 MONEY_STRING_PATTERN = r"^-?(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
-# What a money string may look like at all: ASCII digits, an optional sign and point.
-# Decimal() itself would also read '1_000', ' 12 ', other scripts' digits and exponents.
-_PLAIN = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
+# What a money string may look like at all: the pattern's shape (ASCII digits, no leading
+# zero, an optional minus and point), any number of places and digits (checked_money then
+# says which rule a well-formed amount breaks). Decimal() itself would also read '1_000',
+# ' 12 ', other scripts' digits, exponents and a leading '+'.
+_PLAIN = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", re.ASCII)
 
 
 _JSON_NAMES = {bool: "bool", type(None): "null", list: "array", dict: "object"}

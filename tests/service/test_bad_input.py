@@ -259,6 +259,7 @@ NOT_PLAIN = [
     pytest.param("1e3", id="exponent"),
     pytest.param("+5", id="leading-plus"),
     pytest.param(".5", id="no-integer-part"),
+    pytest.param("007", id="leading-zeros"),
 ]
 
 
