@@ -80,10 +80,11 @@ def values_of(kind: mi.Type, field: str) -> st.SearchStrategy[Any]:
         )
     if isinstance(kind, mi.StrType) and kind.pattern is not None:
         return st.from_regex(kind.pattern, fullmatch=True)
-    if isinstance(kind, mi.Metadata):  # money: a custom type with its own schema
-        return values_of(kind.type, field)
-    if isinstance(kind, mi.DecimalType) or (
-        isinstance(kind, mi.CustomType) and issubclass(kind.cls, Decimal)
+    # Money: domain.money.MoneyField, the custom type Money with its own schema.
+    if (
+        isinstance(kind, mi.Metadata)
+        and isinstance(kind.type, mi.CustomType)
+        and kind.type.cls is money.Money
     ):
         return money_amounts(non_negative=field in NON_NEGATIVE_MONEY)
     # A new kind of field must get a strategy here rather than go untested.

@@ -24,18 +24,9 @@ from infra.eventstore import EventLog, open_event_log
 from infra.settings import Settings
 from service.app import create_app
 from tests.conftest import make_tenant
-from tests.services import postgres_database, serving
+from tests.services import SERVER_THREADS_DRAW_ON_RANDOM, postgres_database, serving
 
-# The server runs in this process, on threads of its own, and psycopg_pool draws on the
-# global `random` (jitter for connections' lifetimes). Hypothesis takes a change of that
-# state while it draws an example for a strategy that used `random`, and warns; with
-# warnings as errors, a pool that happened to open a connection just then failed the
-# example once and not on its replay: "unreliable results" (CI, on PostgreSQL). Nothing
-# here draws on `random`; the warning is about the server's threads.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Do not use the `random` module inside strategies"
-    ":hypothesis.errors.HypothesisDeprecationWarning"
-)
+pytestmark = SERVER_THREADS_DRAW_ON_RANDOM
 
 EXAMPLES = 30  # per operation and backend
 # What this test checks is the answers, not their speed (the machine is shared): a command

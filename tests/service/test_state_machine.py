@@ -42,18 +42,9 @@ from projections import rebuild
 from service import wiring
 from service.app import create_app
 from tests.conftest import make_tenant, scenario_body
-from tests.services import postgres_database
+from tests.services import SERVER_THREADS_DRAW_ON_RANDOM, postgres_database
 
-# The server runs in this process, on threads of its own, and psycopg_pool draws on the
-# global `random` (jitter for connections' lifetimes). Hypothesis takes a change of that
-# state while it draws an example for a strategy that used `random`, and warns; with
-# warnings as errors, a pool that happened to open a connection just then failed the
-# example once and not on its replay: "unreliable results" (CI, on PostgreSQL). Nothing
-# here draws on `random`; the warning is about the server's threads.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Do not use the `random` module inside strategies"
-    ":hypothesis.errors.HypothesisDeprecationWarning"
-)
+pytestmark = SERVER_THREADS_DRAW_ON_RANDOM
 
 CONSISTENCY = "X-Consistency-Token"
 TYPES = {
